@@ -10,7 +10,7 @@ cfg = cfg['DEFAULT']
 for key in ('version', 'description', 'keywords', 'author', 'author_email', 'min_python', 'license', 'lib_name'):
     if key not in cfg: raise KeyError(f"settings.ini is missing the key {key!r}")
 
-licenses = {'apache2': ('Apache Software License 2.0', 'OSI Approved :: Apache Software License')}
+licenses = {'apache2': 'Apache-2.0'}  # SPDX expressions
 statuses = ['1 - Planning', '2 - Pre-Alpha', '3 - Alpha', '4 - Beta', '5 - Production/Stable', '6 - Mature', '7 - Inactive']
 py_versions = '3.10 3.11 3.12 3.13'.split()
 min_python = cfg['min_python']
@@ -23,7 +23,7 @@ console_scripts = cfg.get('console_scripts', '').split()
 setuptools.setup(
     name=cfg['lib_name'],
     version=cfg['version'],
-    license=lic[0],
+    license=lic,
     description=cfg['description'],
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',
@@ -34,11 +34,10 @@ setuptools.setup(
     classifiers=[
         'Development Status :: ' + statuses[int(cfg['status'])],
         'Intended Audience :: ' + cfg['audience'].title(),
-        'License :: ' + lic[1],
         'Natural Language :: ' + cfg['language'].title(),
         'Programming Language :: Python :: 3',
     ] + [f'Programming Language :: Python :: {v}' for v in py_versions[py_versions.index(min_python):]],
-    packages=setuptools.find_packages(include=['dlatent', 'dlatent.*']),
+    packages=setuptools.find_namespace_packages(include=['dlatent', 'dlatent.*'], exclude=['*.__pycache__']),
     include_package_data=True,
     package_data={'dlatent': ['data_files/*']},
     install_requires=requirements,
