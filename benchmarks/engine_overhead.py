@@ -1,13 +1,14 @@
 """Engine overhead: time per training step through `dlatent.train.fit` against a bare hand-written loop.
 
 Both train the same network with the same loss, optimizer, batch size and data (a TensorDataset in
-memory, shuffled each epoch); the bare loop is what one would write by hand. Runs alternate
-(engine, bare, engine, bare, ...) in one process so machine noise hits both alike; the reported figure
-is the median of the per-pair ratios.
+memory, shuffled each epoch); the bare loop is what one would write by hand. Both time the loop alone
+(the engine's one-off setup is not a per-step cost). Runs come in pairs in one process, and the order
+within a pair alternates (engine first, then bare first), because whichever runs second in a pair is
+measurably favoured on a busy machine; the reported figure is the median of the per-pair ratios.
 
     python benchmarks/engine_overhead.py [--steps 300] [--repeats 7] [--width 256]
 """
-import argparse, statistics, time
+import argparse, gc, statistics, time
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -60,8 +61,12 @@ def main():
     data = TensorDataset(torch.tensor(d.data / 16, dtype=torch.float32), torch.tensor(d.target))
     engine_run(data, 20, a.batch_size, a.width); bare_run(data, 20, a.batch_size, a.width)  # warm up
     ratios = []
-    for _ in range(a.repeats):
-        e = engine_run(data, a.steps, a.batch_size, a.width); b = bare_run(data, a.steps, a.batch_size, a.width)
+    for r in range(a.repeats):
+        runs = {}
+        for name in (('engine', 'bare') if r % 2 == 0 else ('bare', 'engine')):
+            gc.collect()
+            runs[name] = (engine_run if name == 'engine' else bare_run)(data, a.steps, a.batch_size, a.width)
+        e, b = runs['engine'], runs['bare']
         ratios.append(e / b)
         print(f'engine {1e3 * e / a.steps:.3f} ms/step   bare {1e3 * b / a.steps:.3f} ms/step   ratio {e / b:.3f}', flush=True)
     print(f'median engine/bare step-time ratio over {a.repeats} pairs: {statistics.median(ratios):.3f}')
