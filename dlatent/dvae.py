@@ -467,7 +467,7 @@ def moons_metrics(model, cfg: MoonsConfig, n_gen: int = 1000) -> dict:
     model.train()
     return out
 
-# %% ../nbs/16_dvae.ipynb #caaf19d9
+# %% ../nbs/16_dvae.ipynb #4a7fac30
 COLORS = ('tab:green', 'tab:red', 'tab:blue')
 
 def plot_points(ax, x, y, title='', alpha=0.5, s=4):
@@ -538,7 +538,6 @@ def evaluate_moons(cfg: MoonsConfig, run_dir: Path) -> dict:
 @register('moons', "paper 1, Sec. 4.1: DVAE (or --set model=cvaegan|cvae) on the three moons", MoonsConfig, evaluate=evaluate_moons)
 def run_moons(cfg: MoonsConfig, run_dir: Path) -> dict:
     "Train, write figures (generated_epochs.png, samples.png, losses.png) and return the metrics."
-    import matplotlib; matplotlib.use('Agg')
     torch.set_num_threads(cfg.threads or 1)
     t0 = time.time()
     res, snaps = train_moons(cfg, Path(run_dir))

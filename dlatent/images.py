@@ -21,11 +21,11 @@ from .dvae import DVAE, CVAEGAN, CVAE, check_labels, split_batch, adv_losses, pr
 # %% auto #0
 __all__ = ['MODELS', 'MASKS', 'ImageArch', 'image_arch', 'ConvEncoder', 'ConvDecoder', 'conv_disc_body', 'conv_discriminator',
            'latent_classifier', 'CGAN', 'dvae_nets', 'image_dvae', 'image_cvaegan', 'image_cgan', 'image_model',
-           'sample_per_class', 'shuffled_inception_score', 'image_scores', 'save_class_grids', 'codes',
-           'code_accuracies', 'split_seen', 'train_semi_supervised', 'cross_synthesis_scores', 'inpaint_mask',
-           'inpaint_images', 'masked_mse', 'inpainting_scores', 'DigitsImagesConfig', 'MnistImagesConfig', 'image_data',
-           'build_image_model', 'image_classifier', 'real_scores', 'evaluate_image_model', 'load_image_run',
-           'show_images', 'z_u_sweep', 'sweep_effects']
+           'sample_per_class', 'image_scores', 'save_class_grids', 'codes', 'code_accuracies', 'split_seen',
+           'train_semi_supervised', 'cross_synthesis_scores', 'inpaint_mask', 'inpaint_images', 'masked_mse',
+           'inpainting_scores', 'DigitsImagesConfig', 'MnistImagesConfig', 'image_data', 'build_image_model',
+           'image_classifier', 'real_scores', 'evaluate_image_model', 'load_image_run', 'show_images', 'z_u_sweep',
+           'sweep_effects']
 
 # %% ../nbs/21_images.ipynb #4aa746a3
 @dataclass(frozen=True)
@@ -204,7 +204,7 @@ def image_model(model: str, size: int, channels: int, n_classes: int, z_s_dim: i
         return image_cgan(size, channels, n_classes, z_s_dim + z_u_dim, **{k: v for k, v in kw.items() if k in ('lr', 'betas', 'd_loss')})
     return image_cvaegan(size, channels, n_classes, z_s_dim + z_u_dim, gan=model == 'cvaegan', **kw)
 
-# %% ../nbs/21_images.ipynb #8c977e3e
+# %% ../nbs/21_images.ipynb #02628a86
 @torch.no_grad()
 def sample_per_class(model, n_per_class: int, n_classes: int, seed: int = 0, batch_size: int = 500) -> tuple[Tensor, Tensor]:
     "(images, classes): `n_per_class` samples of every class from `model.sample`, in eval mode, reproducible by `seed`."
@@ -216,18 +216,11 @@ def sample_per_class(model, n_per_class: int, n_classes: int, seed: int = 0, bat
     model.train(was)
     return x.cpu(), c.cpu()
 
-def shuffled_inception_score(probs: Tensor, splits: int = 10, seed: int = 0) -> tuple[float, float]:
-    """`inception_score` after a seeded shuffle of the rows: its splits are consecutive, and samples generated class by
-    class would otherwise give splits of a single class each, and an IS of 1."""
-    from dlatent.metrics import inception_score
-    perm = torch.randperm(len(probs), generator=torch.Generator().manual_seed(seed))
-    return inception_score(probs[perm], splits=min(splits, len(probs)))
-
 def image_scores(images: Tensor, labels: Tensor, classifier: nn.Module, real_feats: Tensor, n_pairs: int = 500, seed: int = 0) -> dict:
     "IS, intra-class diversity (Eq. 12), FID against `real_feats` and the classifier's accuracy w.r.t. `labels`."
     from dlatent.metrics import class_probs, inception_score, intra_class_diversity, image_features, fid
     probs = class_probs(classifier, images)
-    is_mean, is_std = shuffled_inception_score(probs, seed=seed)
+    is_mean, is_std = inception_score(probs, splits=min(10, len(probs)), seed=seed)
     div, _ = intra_class_diversity(images, labels, n_pairs=n_pairs, seed=seed)
     return dict(IS=is_mean, IS_std=is_std, diversity=div, FID=fid(real_feats, image_features(images, classifier)),
                 gen_acc=(probs.argmax(1) == labels).float().mean().item())

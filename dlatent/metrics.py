@@ -47,10 +47,11 @@ def apply_batched(fn: Callable[[Tensor], Tensor], x, batch_size: int = 256, devi
         if was_training: module.train()
     return out
 
-# %% ../nbs/13_metrics.ipynb #9b8b0d37
-def inception_score(probs, splits: int = 10, from_logits: bool = False) -> tuple[float, float]:
-    """(mean, std) over `splits` consecutive parts of exp(E_x KL(p(y|x) || p(y))). `probs` is (N, C): class
-    probabilities p(y|x) (rows summing to 1), or logits with `from_logits=True`."""
+# %% ../nbs/13_metrics.ipynb #2bda89c3
+def inception_score(probs, splits: int = 10, from_logits: bool = False, shuffle: bool = True, seed: int = 0) -> tuple[float, float]:
+    """(mean, std) over `splits` parts of exp(E_x KL(p(y|x) || p(y))). `probs` is (N, C): class probabilities
+    p(y|x) (rows summing to 1), or logits with `from_logits=True`. Rows are shuffled with `seed` before the split
+    unless `shuffle=False`."""
     p = _as_tensor(probs, 'probs').double()
     if p.dim() != 2 or p.shape[1] < 2:
         raise ValueError(f"probs must have shape (N, C) with C >= 2 classes, got {tuple(p.shape)}")
@@ -63,6 +64,7 @@ def inception_score(probs, splits: int = 10, from_logits: bool = False) -> tuple
             raise ValueError("probs must be probabilities (non-negative, rows summing to 1); pass from_logits=True "
                              "for unnormalised scores")
         log_p = p.log()
+    if shuffle: log_p = log_p[torch.randperm(len(log_p), generator=torch.Generator().manual_seed(seed)).to(log_p.device)]
     scores = []
     for lp in torch.tensor_split(log_p, splits):
         log_py = torch.logsumexp(lp, 0) - math.log(len(lp))
@@ -159,10 +161,10 @@ def accuracy(classifier: nn.Module, dataset, batch_size: int = 256, device='cpu'
     x, y = _dataset_tensors(dataset)
     return (class_probs(classifier, x, batch_size, device).argmax(1) == y).float().mean().item()
 
-# %% ../nbs/13_metrics.ipynb #f42a3500
-def inception_score_of(images, classifier: nn.Module, batch_size: int = 256, device='cpu', splits: int = 10) -> tuple[float, float]:
+# %% ../nbs/13_metrics.ipynb #34522229
+def inception_score_of(images, classifier: nn.Module, batch_size: int = 256, device='cpu', splits: int = 10, seed: int = 0) -> tuple[float, float]:
     "(mean, std) Inception Score of `images` under `classifier` (an `ImageClassifier` or any net returning logits)."
-    return inception_score(class_probs(classifier, images, batch_size, device), splits)
+    return inception_score(class_probs(classifier, images, batch_size, device), splits, seed=seed)
 
 # %% ../nbs/13_metrics.ipynb #8547e225
 def _as_float64(x, name: str) -> np.ndarray:

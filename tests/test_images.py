@@ -125,7 +125,7 @@ def test_experiments_registered_and_run(tmp_path):
 
 
 def test_inception_score_of_class_ordered_samples():
-    from dlatent.images import shuffled_inception_score
+    from dlatent.metrics import inception_score
     perfect = torch.nn.functional.one_hot(torch.arange(10).repeat_interleave(100), 10).float() * 0.999 + 0.0001
-    assert 9 < shuffled_inception_score(perfect)[0] <= 10       # class-ordered samples are shuffled before the splits
-    assert shuffled_inception_score(torch.full((100, 10), 0.1))[0] == pytest.approx(1.0)
+    assert 9 < inception_score(perfect)[0] <= 10       # class-ordered samples are shuffled before the splits
+    assert inception_score(torch.full((100, 10), 0.1))[0] == pytest.approx(1.0)

@@ -17,7 +17,11 @@ torch.set_num_threads(1)
 def test_inception_score_known_answers():
     C = 7
     one_hot = F.one_hot(torch.arange(700) % C, C).double()
-    assert inception_score(one_hot)[0] == pytest.approx(C, abs=1e-9)             # confident + balanced -> C
+    assert inception_score(one_hot, shuffle=False)[0] == pytest.approx(C, abs=1e-9)  # confident + balanced -> C
+    ordered = F.one_hot(torch.arange(C).repeat_interleave(100), C).double()
+    assert inception_score(ordered, splits=C, shuffle=False)[0] == pytest.approx(1.0, abs=1e-9)  # single-class parts
+    assert C - 0.5 < inception_score(ordered)[0] <= C                               # shuffled before the split
+    assert inception_score(ordered, seed=1) == inception_score(ordered, seed=1)
     same = torch.softmax(torch.randn(1, C, dtype=torch.float64), 1).expand(300, C)
     assert inception_score(same, splits=3)[0] == pytest.approx(1.0, abs=1e-9)     # identical -> 1
     q = 0.9
