@@ -12,7 +12,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
-from fastcore.basics import patch
 
 from .distributions import reparameterize, kl_std_normal, GaussianMixturePrior
 from .gm import gm_losses, class_posterior, total_gaussian_lkd
@@ -198,8 +197,7 @@ class DVAE(Trainable):
 def _no_grad_prior_sample(prior, c):
     return prior.sample(c)
 
-@patch
-def configure_optimizers(self: DVAE):
+def _configure_optimizers(self: DVAE):
     adam = lambda params: torch.optim.Adam(params, lr=self.lr, betas=self.betas, foreach=True)
     return {'gm': adam([{'params': list(self.enc_s.parameters()) + [self.prior.mu]},      # lines 6-7
                         {'params': [self.prior.logvar]}]),                                 # line 8
@@ -209,8 +207,7 @@ def configure_optimizers(self: DVAE):
             'theta': adam(self.dec.parameters()),                                          # line 28
             'theta_d': adam(self.disc.parameters())}                                       # line 29
 
-@patch
-def configure_schedulers(self: DVAE, optimizers, steps_per_epoch):
+def _configure_schedulers(self: DVAE, optimizers, steps_per_epoch):
     """B.4: the learning rate of Sigma_c (or, with gm_decay_on='all', of the whole GM stage) is multiplied by
     `gm_decay` after `gm_decay_epochs` epochs."""
     until = round(self.gm_decay_epochs * steps_per_epoch)
@@ -218,8 +215,7 @@ def configure_schedulers(self: DVAE, optimizers, steps_per_epoch):
     keep = decay if self.gm_decay_on == 'all' else (lambda step: 1.0)
     return {'gm': torch.optim.lr_scheduler.LambdaLR(optimizers['gm'], [keep, decay])}
 
-@patch
-def train_step(self: DVAE, batch, ctx):
+def _train_step(self: DVAE, batch, ctx):
     "One iteration of Algorithm 1."
     x, y = split_batch(batch, self.n_classes, allow_unlabeled=self.semi_supervised)     # lines 3, 10: sample {x, y}
     lab = y >= 0                                               # labeled rows (all of them unless semi-supervised)
@@ -264,6 +260,10 @@ def train_step(self: DVAE, batch, ctx):
     return dict(L_GM=L_GM.detach(), L_rec=rec, L_lkd=lkd, L_kl=L_kl.mean(), L_E_adv=masked_mean(L_E_adv, m),
                 L_C_adv=masked_mean(L_C_adv, m), L_D_adv=L_D_adv.mean() if any_lab else zero,
                 L_GD_adv=L_GD_adv.mean() if any_lab else zero)
+
+DVAE.configure_optimizers = _configure_optimizers
+DVAE.configure_schedulers = _configure_schedulers
+DVAE.train_step = _train_step
 
 # %% ../nbs/16_dvae.ipynb #b5612dad
 def dvae_mlp(x_dim: int = 2, n_classes: int = 3, z_s_dim: int = 2, z_u_dim: int = 2, hidden=(32, 64, 64), **kwargs) -> DVAE:
