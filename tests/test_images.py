@@ -78,7 +78,7 @@ def test_semi_supervised_step():
     # a mixed batch trains every term
     y = torch.tensor([0, 1, 2, 3, 4, 0, -1, -1, -1, -1, -1, -1])
     losses = m.train_step((x, y), _ctx(m))
-    assert all(torch.isfinite(v) for v in losses.values()) and float(losses['L_GM']) > 0 and float(losses['L_D_adv']) > 0
+    assert all(torch.isfinite(v) for v in losses.values()) and losses['L_GM'].item() > 0 and losses['L_D_adv'].detach().item() > 0
 
 
 def test_split_seen():
