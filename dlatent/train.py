@@ -16,9 +16,9 @@ import torch.distributed as dist
 
 # %% auto #0
 __all__ = ['TrainConfig', 'pick_device', 'pick_dtype', 'seed_everything', 'rng_state', 'set_rng_state', 'atomic_save',
-           'load_checkpoint', 'dist_info', 'init_distributed', 'is_main_process', 'BatchStream', 'StepContext',
-           'Trainable', 'History', 'plot_history', 'save_image_grid', 'NonFiniteLossError', 'FitResult', 'fit',
-           'TinyClassifier']
+           'load_checkpoint', 'dist_info', 'init_distributed', 'is_main_process', 'BatchStream', 'LoaderStream',
+           'StepContext', 'Trainable', 'History', 'plot_history', 'save_image_grid', 'NonFiniteLossError', 'FitResult',
+           'fit', 'TinyClassifier']
 
 # %% ../nbs/12_train.ipynb #e0d1a3af
 @dataclass
@@ -197,6 +197,23 @@ class BatchStream:
                 for b in loader: yield _to_device(b, self.device, non_blocking=cuda)
             epoch, skip = epoch + 1, 0
 
+class LoaderStream:
+    """An endless stream over a user's own `DataLoader`, one pass after another. Resuming skips the batches already
+    seen in the current pass, so it is exact when the loader's order is a function of the epoch (no shuffling, a
+    seeded generator, or a sampler with `set_epoch`, which is called every pass)."""
+    def __init__(self, loader: torch.utils.data.DataLoader, device: torch.device):
+        if len(loader) == 0: raise ValueError("the DataLoader yields no batches (fewer samples than its batch_size with drop_last?)")
+        if dist_info()[1] > 1 and not isinstance(loader.sampler, torch.utils.data.DistributedSampler):
+            raise ValueError("under torchrun pass a Dataset (the engine shards it) or a DataLoader with a DistributedSampler")
+        self.loader, self.device, self.steps_per_epoch = loader, device, len(loader)
+    def from_step(self, step: int) -> Iterator:
+        epoch, skip = divmod(step, self.steps_per_epoch)
+        while True:
+            if hasattr(self.loader.sampler, 'set_epoch'): self.loader.sampler.set_epoch(epoch)
+            for i, b in enumerate(self.loader):
+                if i >= skip: yield _to_device(b, self.device, non_blocking=self.device.type == 'cuda')
+            epoch, skip = epoch + 1, 0
+
 # %% ../nbs/12_train.ipynb #031ad259
 class StepContext:
     "What a model's `train_step` may use: the step counters, autocast, and `update`."
@@ -312,7 +329,7 @@ def _unwrap_compiled(sd: dict) -> dict:
 
 def fit(model: Trainable, data, cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = False,
         eval_fn: Callable[[Trainable, int, Path | None], dict] | None = None, config: dict | None = None) -> FitResult:
-    """Train `model` on `data` (a Dataset) as `cfg` says. With `out_dir`, write `history.csv` and
+    """Train `model` on `data` (a Dataset, or a DataLoader of your own) as `cfg` says. With `out_dir`, write `history.csv` and
     `checkpoint.pt` there; `resume=True` continues from that checkpoint. `eval_fn(model, step, out_dir)`
     runs every `cfg.eval_every` steps and at the end; what it returns is logged."""
     # -- processes, device, precision --------------------------------------------------------------
@@ -332,7 +349,8 @@ def fit(model: Trainable, data, cfg: TrainConfig, out_dir: str | Path | None = N
     # -- model, optimizers, data ---------------------------------------------------------------------
     model.to(device)
     optimizers = model.configure_optimizers()
-    stream = BatchStream(data, cfg.batch_size // world, device, seed=cfg.seed, num_workers=cfg.num_workers)
+    if isinstance(data, torch.utils.data.DataLoader): stream = LoaderStream(data, device)   # the loader's own batch size
+    else: stream = BatchStream(data, cfg.batch_size // world, device, seed=cfg.seed, num_workers=cfg.num_workers)
     schedulers = model.configure_schedulers(optimizers, stream.steps_per_epoch)
     scaler = torch.amp.GradScaler('cuda') if dtype == torch.float16 and device.type == 'cuda' else None
     total = cfg.steps or cfg.epochs * stream.steps_per_epoch

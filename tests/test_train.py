@@ -84,3 +84,16 @@ def test_distributed_two_cpu_processes(tmp_path):
     assert all(math.isfinite(l) for d in ranks for l in d['losses'])
     assert ranks[0]['weights'] == pytest.approx(ranks[1]['weights'], abs=1e-6)  # replicas stay in sync
     assert [p.name for p in tmp_path.glob('*.pt')] == ['checkpoint.pt'] and len(list(tmp_path.glob('history*.csv'))) == 1
+
+def test_user_dataloader(tmp_path):
+    "A DataLoader of the user's own trains with its own batch size, and resumes exactly when its order is fixed."
+    from torch.utils.data import DataLoader
+    def run(steps, resume=False):
+        torch.manual_seed(0)
+        loader = DataLoader(DATA, batch_size=50, shuffle=False)
+        return fit(TinyClassifier(), loader, TrainConfig(steps=steps, progress=False, threads=1, ckpt_every=5),
+                   out_dir=tmp_path / ('b' if steps < 30 or resume else 'a'), resume=resume)
+    full = run(30)
+    assert full.step == 30
+    run(13); resumed = run(30, resume=True)
+    for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()): assert torch.equal(a, b)
