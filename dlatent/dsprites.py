@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
+from .train import atomic_path
 
 # %% auto #0
 __all__ = ['LATENT_NAMES', 'LATENT_SIZES', 'FACTOR_NAMES', 'FACTOR_SIZES', 'SHAPES', 'N_IMAGES', 'IMAGE_SIZE', 'SCALES',
@@ -213,21 +214,14 @@ def cache_path(cache_dir: str | Path | None = None) -> Path:
     "Path of the packed full set in the cache folder."
     return dsprites_cache_dir(cache_dir) / f'dsprites_packed_{GEOMETRY_ID}.npy'
 
-def _fsync_replace(tmp: Path, path: Path):
-    with open(tmp, 'rb+') as f: os.fsync(f.fileno())
-    os.replace(tmp, path)
-
 def save_packed(path: str | Path, packed: np.ndarray) -> Path:
     "Write packed images (n, 64, 8) uint8 to `path` (.npy) atomically: temporary file, then rename."
     packed = np.asarray(packed)
     if packed.dtype != np.uint8 or packed.ndim != 3 or packed.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE // 8):
         raise ValueError(f"packed must be uint8 of shape (n, 64, 8) (np.packbits of 64x64 images along rows), got {packed.dtype} {packed.shape}")
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    try:
-        with open(tmp, 'wb') as f: np.save(f, packed)
-        _fsync_replace(tmp, path)
-    finally: tmp.unlink(missing_ok=True)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, 'wb') as f: np.save(f, packed)   # a file object, so np.save adds no .npy suffix
     return path
 
 def load_packed(path: str | Path, n: int | None = None) -> np.ndarray:
@@ -242,16 +236,12 @@ def dsprites_cache(cache_dir: str | Path | None = None, rebuild: bool = False, v
     "The full packed set as a read-only memory map, rendered into the cache folder on first use."
     path = cache_path(cache_dir)
     if rebuild or not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
         if verbose: print(f'rendering the 737,280 dSprites images once into {path} ...', flush=True)
-        tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-        try:
-            t0 = time.perf_counter()
+        t0 = time.perf_counter()
+        with atomic_path(path) as tmp:
             mm = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.uint8, shape=(N_IMAGES, IMAGE_SIZE, IMAGE_SIZE // 8))
             render_all(out=mm); mm.flush(); del mm
-            _fsync_replace(tmp, path)
-            if verbose: print(f'done in {time.perf_counter() - t0:.1f} s ({path.stat().st_size / 2**20:.0f} MiB)')
-        finally: tmp.unlink(missing_ok=True)
+        if verbose: print(f'done in {time.perf_counter() - t0:.1f} s ({path.stat().st_size / 2**20:.0f} MiB)')
     return load_packed(path, N_IMAGES)
 
 # %% ../nbs/11_dsprites.ipynb #dda1fa05

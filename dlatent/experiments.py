@@ -9,7 +9,7 @@ from dataclasses import dataclass, asdict, fields
 from pathlib import Path
 from typing import Any, Callable
 
-from .train import TrainConfig
+from .train import TrainConfig, atomic_path
 
 # %% auto #0
 __all__ = ['EXPERIMENTS', 'EXPERIMENT_MODULES', 'UsageError', 'ExperimentConfig', 'Experiment', 'register', 'load_experiments',
@@ -102,10 +102,7 @@ def make_config(config_cls: type, overrides: dict | None = None, base: dict | No
 # %% ../nbs/19_experiments.ipynb #3c2541ed
 def write_json(obj, path: Path):
     "Write JSON atomically (temp file + rename), so a crash never leaves half a file."
-    path = Path(path); tmp = path.with_name(f'.{path.name}.tmp')
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=2, default=float); f.flush(); os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp: tmp.write_text(json.dumps(obj, indent=2, default=float))
 
 def read_run(run_dir: str | Path) -> tuple[Experiment, Any]:
     "The experiment and config saved in a run directory."

@@ -15,10 +15,10 @@ from torch import nn, Tensor
 import torch.distributed as dist
 
 # %% auto #0
-__all__ = ['TrainConfig', 'pick_device', 'pick_dtype', 'seed_everything', 'rng_state', 'set_rng_state', 'atomic_save',
-           'load_checkpoint', 'dist_info', 'init_distributed', 'is_main_process', 'BatchStream', 'LoaderStream',
-           'StepContext', 'Trainable', 'History', 'plot_history', 'save_image_grid', 'NonFiniteLossError', 'FitResult',
-           'fit', 'TinyClassifier']
+__all__ = ['TrainConfig', 'pick_device', 'pick_dtype', 'seed_everything', 'rng_state', 'set_rng_state', 'atomic_path',
+           'atomic_save', 'load_checkpoint', 'dist_info', 'init_distributed', 'is_main_process', 'BatchStream',
+           'LoaderStream', 'StepContext', 'Trainable', 'History', 'plot_history', 'save_image_grid',
+           'NonFiniteLossError', 'FitResult', 'fit', 'TinyClassifier']
 
 # %% ../nbs/12_train.ipynb #e0d1a3af
 @dataclass
@@ -96,21 +96,28 @@ def set_rng_state(state: dict):
     if 'cuda' in state and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state['cuda'])
 
 # %% ../nbs/12_train.ipynb #fa741257
-def atomic_save(obj, path: str | Path):
-    "`torch.save` to `path` so that a crash at any moment leaves the previous file intact."
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path beside `path` to write to; when the block ends it is fsynced and renamed over `path`,
+    and if the block fails it is removed. Every file the library writes that must survive a crash goes through here."""
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp'); os.close(fd)
+    tmp = Path(tmp)
     try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f); f.flush(); os.fsync(f.fileno())
+        yield tmp
+        with open(tmp, 'rb+') as f: os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
     with contextlib.suppress(OSError):  # make the rename itself durable
         dfd = os.open(path.parent, os.O_RDONLY)
         try: os.fsync(dfd)
         finally: os.close(dfd)
+
+def atomic_save(obj, path: str | Path):
+    "`torch.save` to `path` so that a crash at any moment leaves the previous file intact."
+    with atomic_path(path) as tmp: torch.save(obj, tmp)
 
 def load_checkpoint(path: str | Path, map_location='cpu') -> dict:
     "Load a checkpoint written by the engine, without unpickling arbitrary objects."
