@@ -4,7 +4,7 @@
 
 # %% ../nbs/20_cli.ipynb #6f9409b3
 from __future__ import annotations
-import argparse, json, sys
+import argparse, json, os, sys
 from pathlib import Path
 
 from .experiments import UsageError, load_experiments, run_experiment, evaluate_run
@@ -43,7 +43,10 @@ def main(argv=None) -> int:
             run_dir, metrics = run_experiment(args.experiment, args.overrides, out=args.out, device=args.device, resume=args.resume)
         else:
             run_dir, metrics = Path(args.run_dir), evaluate_run(args.run_dir)
-    except UsageError as e:
+    except (UsageError, ValueError, FileNotFoundError) as e:
+        # the library's errors on bad input (a device that is not there, missing data, a batch larger than the data)
+        # are written for the user: one line, no traceback, unless DLATENT_DEBUG is set
+        if os.environ.get('DLATENT_DEBUG'): raise
         print(f'dlatent: error: {e}', file=sys.stderr); return 2
     except NonFiniteLossError as e:
         print(f'dlatent: training stopped: {e}', file=sys.stderr); return 1

@@ -4,7 +4,7 @@
 
 # %% ../nbs/19_experiments.ipynb #3a6a5ad4
 from __future__ import annotations
-import dataclasses, importlib, importlib.util, json, os, re, typing
+import dataclasses, importlib, importlib.util, json, os, re, shutil, typing
 from dataclasses import dataclass, asdict, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -143,9 +143,14 @@ def run_experiment(name: str, overrides=(), out: str | Path | None = None, devic
         if (run_dir / 'checkpoint.pt').exists():
             raise UsageError(f"{str(run_dir)!r} already holds a trained run; pass --resume to continue it, or another --out")
         cfg = make_config(exp.config_cls, ov)
+    fresh = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(dict(experiment=name, config=asdict(cfg)), run_dir / 'config.json')
-    metrics = exp.run(cfg, run_dir) or {}
+    try: metrics = exp.run(cfg, run_dir) or {}
+    except BaseException:
+        # a run that failed before writing anything else (missing data, no such device) leaves no directory behind
+        if fresh and [p.name for p in run_dir.iterdir()] == ['config.json']: shutil.rmtree(run_dir)
+        raise
     write_json(metrics, run_dir / 'metrics.json')
     return run_dir, metrics
 

@@ -40,6 +40,7 @@ def err_line(capsys):
     (['train', 'test-tiny', '--set', 'batch_size=0'], 'batch_size'),
     (['train', 'test-tiny', '--set', 'lr'], 'key=value'),
     (['eval', '/no/such/run'], 'does not exist'),
+    (['train', 'test-tiny', '--set', 'batch_size=100000'], 'batch_size=100000 is larger than'),   # met by the engine
 ])
 def test_bad_input_one_line_exit_2(tiny_experiment, capsys, argv, expect):
     assert main(argv) == 2
@@ -68,3 +69,10 @@ def test_console_script_installed():
     r = subprocess.run([sys.executable, '-c', 'from dlatent.cli import _entry; import sys; sys.argv=["dlatent","list"]; _entry()'],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+def test_missing_device_is_one_line(tiny_experiment, capsys, tmp_path):
+    import torch
+    if torch.cuda.is_available(): pytest.skip('CUDA is available here')
+    assert main(['train', 'test-tiny', '--device', 'cuda', '--out', str(tmp_path / 'r')]) == 2
+    assert 'CUDA is not available' in err_line(capsys)
+    assert not (tmp_path / 'r').exists()          # a run that failed at set-up leaves no directory behind
