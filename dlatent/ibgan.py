@@ -282,8 +282,8 @@ def score_model(model: IBGAN, fdata, n_train: int = 10_000, n_eval: int = 5_000,
     return out
 
 # %% ../nbs/17_ibgan.ipynb #b7c25c3d
-QUICK = dict(img_size=32, ngf=8, ndf=8, n_train=100_000, steps=6000, lr_g=2e-4, lr_d=2e-5, noise_iters=4000,
-             eval_every=2000, ckpt_every=1000, log_every=20, fv_train=1000, fv_eval=500, fv_std=5000)
+QUICK = dict(img_size=32, ngf=8, ndf=8, n_train=100_000, steps=3000, lr_g=2e-4, lr_d=2e-5, noise_iters=2000,
+             eval_every=1000, ckpt_every=1000, log_every=25, fv_train=1000, fv_eval=500, fv_std=5000)
 
 @dataclass
 class IBGANConfig(ExperimentConfig):

@@ -164,3 +164,50 @@ def test_bad_model_inputs():
     with pytest.raises(ValueError, match='B, C, H, W'): identity_preserving(torch.zeros(8, 8))
     with pytest.raises(ValueError, match='split must be'): ElasticConfig(split=-1)
     with pytest.raises(ValueError, match="data must be"): ElasticConfig(data='cifar')
+
+# -- the JointVAE baseline -----------------------------------------------------------------------------
+from dlatent.elastic import JointVAE, JointVAEConfig, capacity_ramp
+from dlatent.distributions import kl_std_normal
+
+def test_jointvae_kl_terms_on_constructed_posteriors():
+    jv = JointVAE(img_size=8)
+    x = torch.rand(8, 1, 8, 8)
+    with torch.no_grad(): jv.to_c.weight.zero_(); jv.to_c.bias.zero_()
+    assert abs(float(jv.losses(x, 0)['KL_c'])) < 1e-6                      # uniform q(c|x): no information
+    with torch.no_grad(): jv.to_c.bias[3] = 80.
+    assert abs(float(jv.losses(x, 0)['KL_c']) - math.log(10)) < 1e-4        # one-hot q(c|x): log k nats
+    mu, logvar, _ = jv.encode(x)
+    torch.testing.assert_close(jv.losses(x, 0)['KL_z'], kl_std_normal(mu, logvar).mean())
+
+def test_jointvae_capacities_and_loss_value():
+    jv = JointVAE(img_size=8, capacity_iters=10, capacity_z=4., capacity_c=4., gamma=2.)
+    assert jv.capacities(0) == (0., 0.) and jv.capacities(5) == (2., 2.)
+    assert jv.capacities(10**6) == (4., math.log(10))                       # the categorical capacity stops at log k
+    torch.manual_seed(0); out = jv.losses(torch.rand(8, 1, 8, 8), 5)
+    want = out['L_rec'] + 2. * ((out['KL_z'] - 2.).abs() + (out["KL_c"] - 2.).abs())
+    torch.testing.assert_close(out['loss'], want)
+
+def test_jointvae_step_moves_every_network_and_tracks_class_frequencies():
+    torch.manual_seed(0); jv = JointVAE(img_size=8)
+    ctx = StepContext(jv.configure_optimizers(), torch.device('cpu'), torch.float32, None, steps_per_epoch=1)
+    before = {k: v.detach().clone() for k, v in jv.named_parameters()}
+    x = torch.rand(16, 1, 8, 8)
+    _, _, logits = jv.encode(x)
+    out = jv.train_step((x,), ctx)
+    assert all(torch.isfinite(v).all() for v in out.values())
+    assert {k.split('.')[0] for k, v in jv.named_parameters() if not torch.equal(v, before[k])} == {'encoder', 'to_z', 'to_c', 'G'}
+    want = 0.99 * torch.full((10,), 0.1) + 0.01 * F.softmax(logits.detach(), -1).mean(0)
+    torch.testing.assert_close(jv.class_freq, want, atol=1e-6, rtol=0)     # running mean of the batch's q(c|x)
+
+def test_jointvae_config_checkpoint_round_trip(tmp_path):
+    cfg = JointVAEConfig(data='digits', img_size=8, steps=3, batch_size=16, progress=False, threads=1)
+    assert capacity_ramp(cfg) == 1 and capacity_ramp(JointVAEConfig(data='digits', steps=93_750)) == 25_000
+    m = build_model(cfg, TRUE)
+    assert isinstance(m, JointVAE) and m.z_dim == 10 and m.lr == 5e-4
+    ds = TensorDataset(torch.rand(64, 1, 8, 8), torch.randint(0, 10, (64,)))
+    res = fit(m, ds, TrainConfig(steps=3, batch_size=16, progress=False, threads=1), out_dir=tmp_path)
+    m2 = build_model(cfg, TRUE); m2.load_state_dict(load_checkpoint(tmp_path / 'checkpoint.pt')['model'])
+    torch.testing.assert_close(m2.prior_probs, res.model.prior_probs)      # the inferred class distribution is saved
+    with pytest.raises(ValueError, match='uniform prior'): JointVAEConfig(prior='gumbel')
+    with pytest.raises(ValueError, match='temperature'): JointVAE(temperature=0.)
+    with pytest.raises(ValueError, match='capacity_iters'): JointVAE(capacity_iters=0)
