@@ -211,3 +211,12 @@ def test_jointvae_config_checkpoint_round_trip(tmp_path):
     with pytest.raises(ValueError, match='uniform prior'): JointVAEConfig(prior='gumbel')
     with pytest.raises(ValueError, match='temperature'): JointVAE(temperature=0.)
     with pytest.raises(ValueError, match='capacity_iters'): JointVAE(capacity_iters=0)
+
+def test_jointvae_experiment_run_and_eval(tmp_path):
+    from dlatent.experiments import run_experiment, evaluate_run
+    tiny = ['data=digits', 'img_size=8', 'steps=6', 'batch_size=32', 'progress=false', 'threads=1', 'n_eval_per_code=10',
+            'classifier_epochs=1', 'classifier_width=8']
+    rd, m = run_experiment('mnist-jointvae', tiny, out=tmp_path / 'jv')
+    assert {'codes.png', 'prior.png', 'count_matrix.csv', 'checkpoint.pt'} <= {p.name for p in rd.iterdir()}
+    assert 0 <= m['nmi'] <= 1 and abs(sum(m['prior']) - 1) < 1e-4
+    np.testing.assert_allclose(evaluate_run(rd)['prior'], m['prior'], atol=1e-6)   # `dlatent eval` rebuilds the JointVAE
