@@ -21,11 +21,11 @@ from .experiments import register, ExperimentConfig
 
 # %% auto #0
 __all__ = ['MODELS', 'DATASETS', 'QUICK', 'Generator', 'disc_trunk', 'disc_head', 'instance_noise_sigma', 'add_instance_noise',
-           'IBGAN', 'changed_params', 'estimate_bounds', 'representation_fn', 'resize_images', 'ibgan_dataset',
-           'factor_dataset', 'score_model', 'IBGANConfig', 'DSpritesInfoGANConfig', 'DSpritesGANConfig',
-           'ColorIBGANConfig', 'ColorInfoGANConfig', 'ColorGANConfig', 'build_model', 'make_eval_fn',
-           'traversal_images', 'plot_traversals', 'plot_bounds', 'plot_kl_dims', 'run_ibgan', 'load_run_model',
-           'evaluate_ibgan']
+           'IBGAN', 'changed_params', 'estimate_bounds', 'representation_fn', 'recalibrate_batchnorm', 'resize_images',
+           'ibgan_dataset', 'factor_dataset', 'score_model', 'IBGANConfig', 'DSpritesInfoGANConfig',
+           'DSpritesGANConfig', 'ColorIBGANConfig', 'ColorInfoGANConfig', 'ColorGANConfig', 'build_model',
+           'make_eval_fn', 'traversal_images', 'plot_traversals', 'plot_bounds', 'plot_kl_dims', 'run_ibgan',
+           'load_run_model', 'evaluate_ibgan']
 
 # %% ../nbs/17_ibgan.ipynb #e5911680
 def _bn_relu_deconv(c_in, c_out, k, s, p):
@@ -243,6 +243,22 @@ def representation_fn(model: IBGAN, batch_size: int = 512):
         return out.numpy()
     return rep
 
+# %% ../nbs/17_ibgan.ipynb #94d50588
+@torch.no_grad()
+def recalibrate_batchnorm(model: IBGAN, n: int = 5000, batch_size: int = 250) -> IBGAN:
+    "A copy of `model` in eval mode whose batch-norm statistics are averages over `n` generated samples (z -> r -> G -> trunk -> q)."
+    import copy
+    m = copy.deepcopy(model)
+    bns = [b for b in m.modules() if isinstance(b, nn.modules.batchnorm._BatchNorm)]
+    for b in bns: b.reset_running_stats(); b.momentum = None          # momentum None: a cumulative average
+    m.train()
+    for i in range(0, n, batch_size):
+        z = m.sample_z(min(batch_size, n - i))
+        r = reparameterize(*m.encode(z)) if m.e is not None else z
+        m.reconstruct(m.G(r))
+    for b in bns: b.momentum = 0.1
+    return m.eval()
+
 # %% ../nbs/17_ibgan.ipynb #b06e74b5
 DATASETS = ('dsprites', 'color-dsprites')
 
@@ -273,9 +289,11 @@ def factor_dataset(dataset: str = 'dsprites', seed: int = 0, **kw):
 
 # %% ../nbs/17_ibgan.ipynb #749acba6
 def score_model(model: IBGAN, fdata, n_train: int = 10_000, n_eval: int = 5_000, n_votes_batch: int = 64,
-                n_std: int = 10_000, seed: int = 0, n_bounds: int = 2000) -> dict:
-    "FactorVAE score (held-out accuracy) of `model.representation` on the factor dataset `fdata`, plus I^L, I^U and KL_i."
+                n_std: int = 10_000, seed: int = 0, n_bounds: int = 2000, recalibrate: bool = True) -> dict:
+    """FactorVAE score (held-out accuracy) of `model.representation` on the factor dataset `fdata`, plus I^L, I^U and KL_i;
+    with `recalibrate`, of a copy whose batch-norm statistics `recalibrate_batchnorm` recomputed."""
     from dlatent.disentanglement import factor_vae_score
+    if recalibrate: model = recalibrate_batchnorm(model)
     out = estimate_bounds(model, n_bounds)
     res = factor_vae_score(fdata, representation_fn(model), L=n_votes_batch, n_train=n_train, n_eval=n_eval, n_std=n_std, seed=seed)
     out['factor_vae'] = float(res['eval_accuracy']); out['active_dims'] = int(res['num_active_dims'])
@@ -447,10 +465,10 @@ def load_run_model(cfg: IBGANConfig, run_dir: Path) -> IBGAN:
     model.load_state_dict(load_checkpoint(Path(run_dir) / 'checkpoint.pt')['model'])
     return model.eval()
 
-def evaluate_ibgan(cfg: IBGANConfig, run_dir: Path) -> dict:
-    "`dlatent eval RUN_DIR`: the FactorVAE score and the bounds of a trained run."
+def evaluate_ibgan(cfg: IBGANConfig, run_dir: Path, fdata=None) -> dict:
+    "`dlatent eval RUN_DIR`: the FactorVAE score and the bounds of a trained run (on `fdata`, by default the config's full data set)."
     torch.manual_seed(cfg.seed)
-    return make_eval_fn(cfg)(load_run_model(cfg, run_dir), None, None)
+    return make_eval_fn(cfg, fdata)(load_run_model(cfg, run_dir), None, None)
 
 for _name, _desc, _cls in [
         ('dsprites-ibgan', 'IB-GAN on dSprites (paper 2, Table 7; --set quick=true for a CPU run)', IBGANConfig),

@@ -147,3 +147,20 @@ def test_score_on_rendered_sprites():
     m = tiny()
     sc = score_model(m, DSprites(subset=1000, use_cache=False, verbose=False), n_train=20, n_eval=10, n_votes_batch=8, n_std=200, n_bounds=100)
     assert 0 <= sc['factor_vae'] <= 1 and 0 <= sc['active_dims'] <= 4 and math.isfinite(sc['I_L']) and sc['I_U'] >= 0
+
+def test_recalibrated_batchnorm_matches_training_mode_and_leaves_model_alone():
+    import copy
+    from torch import nn
+    from dlatent.ibgan import recalibrate_batchnorm, estimate_bounds
+    torch.manual_seed(0)
+    m = IBGAN('infogan', z_dim=6, r_dim=6, ngf=4, ndf=4, img_size=16).eval()
+    for b in m.trunk.modules():                                  # stale running statistics, as after a GAN's training
+        if isinstance(b, nn.BatchNorm2d): b.running_mean.fill_(-3.); b.running_var.fill_(50.)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with torch.no_grad():
+        mt = copy.deepcopy(m).train()
+        z = mt.sample_z(2000)
+        train_IL = float(mt.bounds(z, mt.reconstruct(mt.G(z)), None, None)['I_L'])
+    stale, fresh = estimate_bounds(m, 2000)['I_L'], estimate_bounds(recalibrate_batchnorm(m), 2000)['I_L']
+    assert abs(fresh - train_IL) < 0.1 < abs(stale - train_IL)
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
