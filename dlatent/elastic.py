@@ -5,10 +5,10 @@
 # %% ../nbs/18_elastic.ipynb #d57a1768
 from __future__ import annotations
 import csv, io, json, math
-from dataclasses import dataclass, asdict, fields
+from dataclasses import dataclass, asdict, fields, is_dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -448,6 +448,7 @@ class JointVAE(Trainable):
 @dataclass
 class ElasticConfig(ExperimentConfig):
     "Settings of an Elastic-InfoGAN experiment (defaults: Elastic-InfoGAN on split 0, the paper's setting)."
+    model_family: ClassVar[str] = 'infogan'   # which model build_model makes: 'infogan' (ElasticInfoGAN) or 'jointvae'
     data: str = 'mnist'            # 'mnist' (a local copy under mnist_root) or 'digits' (scikit-learn's, upsampled)
     mnist_root: str = 'data'       # torchvision layout: mnist_root/MNIST/raw
     split: int = 0                 # which of the 50 imbalanced splits (0..49)
@@ -493,6 +494,7 @@ VARIANT_FIELDS = ('prior', 'lambda_2', 'lambda_3')
 @dataclass
 class JointVAEConfig(ElasticConfig):
     "ElasticConfig for the JointVAE baseline: its own model settings (the JointVAE authors' MNIST defaults); no GAN losses."
+    model_family: ClassVar[str] = 'jointvae'
     prior: str = 'uniform'         # JointVAE's prior over c is uniform; RMSE scores its aggregate posterior instead
     lambda_2: float = 0.0
     lambda_3: float = 0.0
@@ -532,7 +534,7 @@ def capacity_ramp(cfg: JointVAEConfig) -> int:
 
 def build_model(cfg: ElasticConfig, true_probs: Tensor) -> ElasticInfoGAN | JointVAE:
     "The model `cfg` describes (a JointVAE for a JointVAEConfig)."
-    if isinstance(cfg, JointVAEConfig):
+    if cfg.model_family == 'jointvae':
         return JointVAE(n_classes=10, z_dim=cfg.z_dim, img_size=cfg.img_size, temperature=cfg.temperature, capacity_z=cfg.capacity_z,
                         capacity_c=cfg.capacity_c, capacity_iters=cfg.capacity_iters or capacity_ramp(cfg), gamma=cfg.gamma, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     return ElasticInfoGAN(n_classes=10, z_dim=cfg.z_dim, img_size=cfg.img_size, prior=cfg.prior, true_probs=true_probs,
@@ -648,9 +650,13 @@ def summarize_protocol(run_dir: Path, models, splits) -> dict:
     write_json(rows, Path(run_dir) / 'protocol.json')
     return flat
 
+def _is_elastic_config(cls) -> bool:
+    "Does `cls` configure an Elastic-InfoGAN-style experiment? Checked by its fields, not by class identity, so that a notebook re-defining the configs does not break the check."
+    return is_dataclass(cls) and {f.name for f in fields(ElasticConfig)} <= {f.name for f in fields(cls)} and hasattr(cls, 'model_family')
+
 def _protocol_runs(cfg: ProtocolConfig):
     models = [m for m in cfg.models.replace(' ', '').split(',') if m]
-    unknown = [m for m in models if m not in EXPERIMENTS or not issubclass(EXPERIMENTS[m].config_cls, ElasticConfig) or m == 'mnist-protocol']
+    unknown = [m for m in models if m not in EXPERIMENTS or not _is_elastic_config(EXPERIMENTS[m].config_cls) or m == 'mnist-protocol']
     if unknown: raise ValueError(f"models must be Elastic-InfoGAN experiments ({', '.join(k for k in EXPERIMENTS if k.startswith('mnist-') and k != 'mnist-protocol')}), got {unknown}")
     return models, parse_splits(cfg.splits)
 
