@@ -511,6 +511,10 @@ class JointVAEConfig(ElasticConfig):
         super().__post_init__()
         if self.prior != 'uniform' or self.lambda_2 or self.lambda_3:
             raise ValueError("JointVAE has a fixed uniform prior and no L_trans / L_ent: leave prior, lambda_2 and lambda_3 at their defaults")
+        if not self.temperature > 0: raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if min(self.capacity_z, self.capacity_c, self.gamma) < 0 or self.capacity_iters < 0:
+            raise ValueError(f"capacity_z, capacity_c, gamma and capacity_iters must be >= 0 (capacity_iters 0: scaled to the run), "
+                             f"got {self.capacity_z}, {self.capacity_c}, {self.gamma}, {self.capacity_iters}")
 
 # %% ../nbs/18_elastic.ipynb #70058445
 def split_counts(cfg: ElasticConfig) -> np.ndarray:

@@ -250,13 +250,14 @@ def recalibrate_batchnorm(model: IBGAN, n: int = 5000, batch_size: int = 250) ->
     import copy
     m = copy.deepcopy(model)
     bns = [b for b in m.modules() if isinstance(b, nn.modules.batchnorm._BatchNorm)]
+    momenta = [b.momentum for b in bns]
     for b in bns: b.reset_running_stats(); b.momentum = None          # momentum None: a cumulative average
     m.train()
     for i in range(0, n, batch_size):
         z = m.sample_z(min(batch_size, n - i))
         r = reparameterize(*m.encode(z)) if m.e is not None else z
         m.reconstruct(m.G(r))
-    for b in bns: b.momentum = 0.1
+    for b, mom in zip(bns, momenta): b.momentum = mom
     return m.eval()
 
 # %% ../nbs/17_ibgan.ipynb #b06e74b5

@@ -220,3 +220,8 @@ def test_jointvae_experiment_run_and_eval(tmp_path):
     assert {'codes.png', 'prior.png', 'count_matrix.csv', 'checkpoint.pt'} <= {p.name for p in rd.iterdir()}
     assert 0 <= m['nmi'] <= 1 and abs(sum(m['prior']) - 1) < 1e-4
     np.testing.assert_allclose(evaluate_run(rd)['prior'], m['prior'], atol=1e-6)   # `dlatent eval` rebuilds the JointVAE
+
+def test_jointvae_config_rejects_bad_settings():
+    with pytest.raises(ValueError, match='temperature'): JointVAEConfig(temperature=-1.)
+    with pytest.raises(ValueError, match='capacity_iters'): JointVAEConfig(capacity_iters=-5)
+    with pytest.raises(ValueError, match='gamma'): JointVAEConfig(gamma=-1.)

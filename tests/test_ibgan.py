@@ -164,3 +164,12 @@ def test_recalibrated_batchnorm_matches_training_mode_and_leaves_model_alone():
     stale, fresh = estimate_bounds(m, 2000)['I_L'], estimate_bounds(recalibrate_batchnorm(m), 2000)['I_L']
     assert abs(fresh - train_IL) < 0.1 < abs(stale - train_IL)
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+
+def test_recalibration_keeps_each_layers_momentum():
+    from torch import nn
+    from dlatent.ibgan import recalibrate_batchnorm
+    m = IBGAN('gan', z_dim=4, r_dim=4, ngf=4, ndf=4, img_size=16)
+    bns = [b for b in m.modules() if isinstance(b, nn.modules.batchnorm._BatchNorm)]
+    bns[0].momentum = 0.3
+    r = recalibrate_batchnorm(m, n=64, batch_size=32)
+    assert [b.momentum for b in r.modules() if isinstance(b, nn.modules.batchnorm._BatchNorm)] == [b.momentum for b in bns]
