@@ -41,7 +41,8 @@ setuptools.setup(
     include_package_data=True,
     package_data={'dlatent': ['data_files/*']},
     install_requires=requirements,
-    extras_require={'dev': dev_requirements},
+    # tensorboard: optional TensorBoard logging in the training engine (TrainConfig.tensorboard)
+    extras_require={'dev': dev_requirements, 'tensorboard': ['tensorboard']},
     python_requires='>=' + min_python,
     zip_safe=False,
     entry_points={'console_scripts': console_scripts, 'nbdev': [f'{cfg["lib_path"]}={cfg["lib_path"]}._modidx:d']},

@@ -12,12 +12,12 @@ import argparse, gc, statistics, time
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
-from dlatent.train import Trainable, TrainConfig, fit
+from dlatent.train import TrainConfig, fit
 
 def make_net(d_in, width, n_out):
     return nn.Sequential(nn.Linear(d_in, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, n_out))
 
-class Classifier(Trainable):
+class Classifier(nn.Module):
     def __init__(self, net): super().__init__(); self.net = net
     def configure_optimizers(self): return {'net': torch.optim.Adam(self.net.parameters(), lr=1e-3)}
     def train_step(self, batch, ctx):

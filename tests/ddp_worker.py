@@ -3,7 +3,7 @@ import json, sys
 from pathlib import Path
 import torch
 from torch.utils.data import TensorDataset
-from dlatent.data import three_moons
+from dlatent.data.core import three_moons
 from dlatent.train import TinyClassifier, TrainConfig, fit, dist_info
 
 class Recording(TinyClassifier):

@@ -1,30 +1,44 @@
 "The `dlatent` command line: listing, bad input (one line on stderr, exit 2), a full train/eval/resume cycle."
 import json, subprocess, sys
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
+from types import SimpleNamespace
 import pytest
+import torch
+from torch import nn
 from dlatent.cli import main
-from dlatent.experiments import EXPERIMENTS, ExperimentConfig, register, load_experiments
-from dlatent.train import fit, TinyClassifier, load_checkpoint
-from dlatent.data import moons_dataset, three_moons
+from dlatent.experiments import EXPERIMENTS, Experiment, register, load_experiments
+from dlatent.models.base import GenerativeModel
+from dlatent.train import load_checkpoint
+from dlatent.data.core import moons_dataset, three_moons
+
+class Tiny(GenerativeModel):
+    def __init__(self, lr):
+        super().__init__()
+        self.net, self.lr = nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 3)), lr
+    def configure_optimizers(self): return {'net': torch.optim.Adam(self.net.parameters(), lr=self.lr)}
+    def train_step(self, batch, ctx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self.net(x), y); ctx.update('net', loss)
+        return {'loss': loss}
 
 @dataclass
-class TinyConfig(ExperimentConfig):
-    n: int = 300
+class TinyModel:
     lr: float = 1e-2
-    epochs: int = 2
-    progress: bool = False
 
-def tiny_eval(cfg, run_dir):
-    m = TinyClassifier(lr=cfg.lr); m.load_state_dict(load_checkpoint(run_dir / 'checkpoint.pt')['model'])
-    x, y = three_moons(300, seed=cfg.seed + 1)
-    return {'test_accuracy': (m.net(x).argmax(1) == y).float().mean().item()}
+@dataclass
+class TinyData:
+    n: int = 300
+
+def tiny_eval(run):
+    x, y = three_moons(300, seed=run.config.train.seed + 1)
+    with torch.no_grad(): return {'test_accuracy': (run.model.net(x).argmax(1) == y).float().mean().item()}
 
 @pytest.fixture
 def tiny_experiment():
-    @register('test-tiny', 'tiny classifier', TinyConfig, evaluate=tiny_eval)
-    def run(cfg, run_dir):
-        fit(TinyClassifier(lr=cfg.lr), moons_dataset(cfg.n), cfg, out_dir=run_dir, resume=cfg.resume, config=asdict(cfg))
-        return tiny_eval(cfg, run_dir)
+    register(Experiment('test-tiny', 'tiny classifier', models={'mlp': TinyModel}, data=TinyData,
+                        build_data=lambda cfg: SimpleNamespace(train=moons_dataset(cfg.data.n)),
+                        build_model=lambda cfg, data: Tiny(cfg.model.lr), evaluate=tiny_eval,
+                        train=dict(epochs=2, progress=False, threads=1)))
     yield
     EXPERIMENTS.pop('test-tiny')
 
@@ -35,12 +49,14 @@ def err_line(capsys):
 
 @pytest.mark.parametrize('argv, expect', [
     (['train', 'no-such-experiment'], "unknown experiment 'no-such-experiment'"),
-    (['train', 'test-tiny', '--set', 'lrr=1'], "unknown setting 'lrr'"),
-    (['train', 'test-tiny', '--set', 'lr=fast'], 'expected a value of type float'),
-    (['train', 'test-tiny', '--set', 'batch_size=0'], 'batch_size'),
-    (['train', 'test-tiny', '--set', 'lr'], 'key=value'),
+    (['train', 'test-tiny', '--set', 'model.lrr=1'], "model 'mlp' has no setting 'lrr'; valid keys: model.lr"),
+    (['train', 'test-tiny', '--set', 'lr=1'], 'must name its section'),
+    (['train', 'test-tiny', '--set', 'model.lr=fast'], 'expected a value of type float'),
+    (['train', 'test-tiny', '--set', 'train.batch_size=0'], 'batch_size'),
+    (['train', 'test-tiny', '--set', 'model.lr'], 'section.key=value'),
+    (['train', 'test-tiny', '--preset', 'quick'], "no preset 'quick'"),
     (['eval', '/no/such/run'], 'does not exist'),
-    (['train', 'test-tiny', '--set', 'batch_size=100000'], 'batch_size=100000 is larger than'),   # met by the engine
+    (['train', 'test-tiny', '--set', 'train.batch_size=100000'], 'batch_size=100000 is larger than'),   # met by the engine
 ])
 def test_bad_input_one_line_exit_2(tiny_experiment, capsys, argv, expect):
     assert main(argv) == 2
@@ -53,17 +69,24 @@ def test_train_eval_resume(tiny_experiment, tmp_path, capsys, monkeypatch):
     run = tmp_path / 'runs' / 'test-tiny'
     assert f'run directory: runs/test-tiny' in out and 'test_accuracy' in out
     assert {p.name for p in run.iterdir()} >= {'config.json', 'history.csv', 'metrics.json', 'checkpoint.pt'}
-    assert json.loads((run / 'config.json').read_text())['config']['device'] == 'cpu'
-    assert main(['train', 'test-tiny', '--resume', '--set', 'epochs=3']) == 0
+    saved = json.loads((run / 'config.json').read_text())
+    assert saved['train']['device'] == 'cpu' and saved['model'] == {'name': 'mlp', 'lr': 0.01} and saved['data'] == {'n': 300}
+    assert main(['train', 'test-tiny', '--resume', '--set', 'train.epochs=3']) == 0
     assert load_checkpoint(run / 'checkpoint.pt')['step'] == 3 * (300 // 64)
     assert main(['eval', str(run)]) == 0
     assert 'test_accuracy' in json.loads((run / 'metrics.json').read_text())
     assert main(['train', 'test-tiny', '--out', str(run)]) == 2 and '--resume' in err_line(capsys)
 
+def test_config_prints_the_resolved_settings(tiny_experiment, capsys):
+    assert main(['config', 'test-tiny', '--set', 'model.lr=0.5']) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg['model'] == {'name': 'mlp', 'lr': 0.5} and cfg['train']['epochs'] == 2
+
 def test_list_names_every_experiment(capsys):
     assert main(['list']) == 0
     out = capsys.readouterr().out
-    for name in load_experiments(): assert name in out
+    for name in load_experiments():
+        if not name.startswith('_'): assert name in out
 
 def test_console_script_installed():
     r = subprocess.run([sys.executable, '-c', 'from dlatent.cli import _entry; import sys; sys.argv=["dlatent","list"]; _entry()'],
@@ -71,7 +94,6 @@ def test_console_script_installed():
     assert r.returncode == 0, r.stderr
 
 def test_missing_device_is_one_line(tiny_experiment, capsys, tmp_path):
-    import torch
     if torch.cuda.is_available(): pytest.skip('CUDA is available here')
     assert main(['train', 'test-tiny', '--device', 'cuda', '--out', str(tmp_path / 'r')]) == 2
     assert 'CUDA is not available' in err_line(capsys)

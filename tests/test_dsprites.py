@@ -1,6 +1,6 @@
 "Fast checks of the dSprites renderer, cache and dataset (small subsets only; the full set is never rendered)."
 import numpy as np, pytest, torch
-from dlatent.dsprites import (N_IMAGES, FACTOR_SIZES, LATENT_SIZES, DSprites, factors_to_index, index_to_factors,
+from dlatent.data.dsprites import (N_IMAGES, FACTOR_SIZES, LATENT_SIZES, DSprites, factors_to_index, index_to_factors,
     latents_classes, latents_values, render_packed, render_reference, render_block, unpack, sprite_colors,
     save_packed, load_packed, cache_path, dsprites_cache_dir, dsprites_tensor_dataset, subset_indices)
 

@@ -1,22 +1,29 @@
-"Fast checks of IB-GAN, InfoGAN and GAN (dlatent.ibgan): one step of each, who moves, bounds, checkpoints, errors."
-import math
+"Fast checks of IB-GAN, InfoGAN and GAN (dlatent.models.ibgan, dlatent.experiments.dsprites): one step of each, who moves, bounds, the model protocol, configs and presets, runs, errors."
+import copy, math
 import pytest
 import torch
-import torch.nn.functional as F
+from torch import nn
 
-from dlatent.ibgan import (IBGAN, MODELS, IBGANConfig, build_model, load_run_model, instance_noise_sigma,
-                           estimate_bounds, representation_fn, changed_params, _snapshot, _images)
-from dlatent.ib import ib_lower_bound, ib_upper_bound, gaussian_entropy
-from dlatent.distributions import gaussian_log_prob, reparameterize
-from dlatent.train import StepContext, TrainConfig, fit
+from dlatent.models.ibgan import (IBGAN, IBGANConfig, InfoGANConfig, GANConfig, IBGAN_CONFIGS, instance_noise_sigma,
+                                  estimate_bounds, recalibrate_batchnorm)
+from dlatent.models.base import batch_images, supports
+from dlatent.objectives.ib import ib_lower_bound, ib_upper_bound, gaussian_entropy
+from dlatent.objectives.distributions import gaussian_log_prob, reparameterize
+from dlatent.objectives.losses import d_loss, g_loss
+from dlatent.experiments import make_config, run_experiment, load_run, UsageError
+from dlatent.experiments.dsprites import (DSpritesData, DSpritesDataConfig, DSpritesEvalConfig, build_ibgan_model, dsprites_representation_fn,
+                                          score_ibgan, DSPRITES_QUICK)
+from dlatent.train import StepContext
 
 torch.set_num_threads(1)
 SIZE = 16
+MODELS = list(IBGAN_CONFIGS)
 
 
-def tiny(model='ibgan', **kw):
+def tiny(model='ibgan', nc=1, **kw):
     torch.manual_seed(0)
-    return IBGAN(model, z_dim=6, r_dim=4, ngf=4, ndf=4, img_size=SIZE, lr_g=1e-3, lr_d=1e-3, **kw)
+    extra = dict(z_dim=6) if model == 'ibgan' else {}
+    return IBGAN(IBGAN_CONFIGS[model](r_dim=4, ngf=4, ndf=4, lr_g=1e-3, lr_d=1e-3, **extra, **kw), nc=nc, img_size=SIZE)
 
 
 def batch(n=8, nc=1):
@@ -26,6 +33,10 @@ def batch(n=8, nc=1):
 
 def ctx_for(m, cls=StepContext):
     return cls(m.configure_optimizers(), torch.device('cpu'), torch.float32, None, 10)
+
+
+def snapshot(module): return {k: v.detach().clone() for k, v in module.named_parameters()}
+def changed_params(before, module): return {k for k, v in module.named_parameters() if not torch.equal(before[k], v.detach())}
 
 
 def d_param_names(m):
@@ -44,7 +55,7 @@ class OnlyG(StepContext):
 
 @pytest.mark.parametrize('model', MODELS)
 def test_one_step_finite_and_everything_moves(model):
-    m = tiny(model); before = _snapshot(m)
+    m = tiny(model); before = snapshot(m)
     logs = m.train_step(batch(), ctx_for(m))
     assert all(torch.isfinite(torch.as_tensor(v)).all() for v in logs.values()), logs
     moved = changed_params(before, m)
@@ -59,17 +70,17 @@ def test_one_step_finite_and_everything_moves(model):
 @pytest.mark.parametrize('model', MODELS)
 def test_d_step_and_g_step_touch_only_their_params(model):
     m = tiny(model); dn = d_param_names(m)
-    before = _snapshot(m); m.train_step(batch(), ctx_for(m, OnlyD))
+    before = snapshot(m); m.train_step(batch(), ctx_for(m, OnlyD))
     moved = changed_params(before, m)
     assert moved and moved <= dn
-    before = _snapshot(m); m.train_step(batch(), ctx_for(m, OnlyG))
+    before = snapshot(m); m.train_step(batch(), ctx_for(m, OnlyG))
     moved = changed_params(before, m)
     assert moved and not (moved & dn)
 
 
 def test_gan_generator_gets_no_information_gradient():
     "In 'gan' mode G's gradient is the GAN loss only: with gamma=0 a G/E/Q step moves q but not G."
-    m = tiny('gan', gamma=0.0); before = _snapshot(m)
+    m = tiny('gan', gamma=0.0); before = snapshot(m)
     m.train_step(batch(), ctx_for(m, OnlyG))
     moved = changed_params(before, m)
     assert any(k.startswith('q_head.') for k in moved) and not any(k.startswith('G.') for k in moved)
@@ -92,13 +103,13 @@ def test_bounds_equal_the_chapter_functions():
 
 def test_stale_graph_pitfall_is_avoided():
     m = tiny()
-    opts = m.configure_optimizers(); x = _images(batch()[0])
+    opts = m.configure_optimizers(); x = batch_images(batch()) * 2 - 1
     x_g = m.G(reparameterize(*m.encode(m.sample_z(len(x)))))
     d_fake = m.discriminate(x_g)
-    L_D = F.binary_cross_entropy_with_logits(m.discriminate(x), torch.ones(len(x))) + F.binary_cross_entropy_with_logits(d_fake, torch.zeros(len(x)))
+    L_D = d_loss(m.discriminate(x), d_fake)
     opts['D'].zero_grad(); L_D.backward(retain_graph=True); opts['D'].step()
     with pytest.raises(RuntimeError, match='inplace'):
-        F.binary_cross_entropy_with_logits(d_fake, torch.ones(len(x))).backward()
+        g_loss(d_fake).backward()
     ctx = ctx_for(m)
     for s in range(2):   # D step then G step, twice, through the engine's context
         ctx.step = s; logs = m.train_step(batch(), ctx)
@@ -110,50 +121,111 @@ def test_instance_noise_schedule():
     assert instance_noise_sigma(100_000) == 0.0 and instance_noise_sigma(10, iters=0) == 0.0
 
 
-def test_checkpoint_round_trip(tmp_path):
-    cfg = IBGANConfig(steps=3, batch_size=8, img_size=SIZE, ngf=4, ndf=4, z_dim=6, r_dim=4, progress=False, threads=1,
-                      log_every=1, lr_g=1e-3, lr_d=1e-3)
-    data = torch.utils.data.TensorDataset(batch(32)[0])
-    torch.manual_seed(0)
-    res = fit(build_model(cfg), data, cfg, out_dir=tmp_path)
-    assert (tmp_path / 'checkpoint.pt').exists() and len(res.history) == 3
-    loaded = load_run_model(cfg, tmp_path)
-    res.model.eval()
-    x = _images(batch(5)[0])
+@pytest.mark.parametrize('model', MODELS)
+def test_sample_and_representation_follow_the_protocol(model):
+    m = tiny(model, nc=3).train()
+    g = lambda: torch.Generator().manual_seed(0)
+    x = m.sample(5, generator=g())
+    assert x.shape == (5, 3, SIZE, SIZE) and 0 <= x.min() and x.max() <= 1 and m.training   # [0, 1]; the mode is restored
+    assert torch.equal(x, m.sample(5, generator=g()))
+    rep = m.representation(x)
+    assert rep.shape == (5, 4) and not rep.requires_grad
+    codes = m.codes(x)
+    assert torch.equal(rep, codes['r'] if model == 'ibgan' else codes['z'])
+    assert set(codes) == ({'z', 'r'} if model == 'ibgan' else {'z'}) and codes['z'].shape[1] == (6 if model == 'ibgan' else 4)
+    # the representation takes images in [0, 1]: it is mu_psi(z_hat(2x - 1)) (IB-GAN) or z_hat(2x - 1)
     with torch.no_grad():
-        assert torch.equal(loaded.representation(x), res.model.representation(x))
-        z = torch.randn(3, 6); assert torch.equal(loaded(z), res.model(z))
-    rep = representation_fn(loaded)(torch.rand(4, 1, 64, 64))   # 64 px images are pooled to the model's size
-    assert rep.shape == (4, 4)
+        m.eval(); z_hat = m.reconstruct(x * 2 - 1)
+        assert torch.allclose(rep, m.encode(z_hat)[0] if model == 'ibgan' else z_hat)
+    with pytest.raises(ValueError, match='no classes'): m.sample(2, labels=torch.tensor([0, 1]))
+    assert supports(m, 'sample') and supports(m, 'representation') and not supports(m, 'inpaint')
+
+
+def test_representation_fn_pools_and_batches():
+    m = tiny().eval()
+    imgs = torch.rand(7, 1, 64, 64)
+    rep = dsprites_representation_fn(m, SIZE, batch_size=3)(imgs)
+    expect = m.representation(torch.nn.functional.avg_pool2d(imgs, 4)).numpy()
+    assert rep.shape == (7, 4) and abs(rep - expect).max() < 1e-5
+    u8 = (imgs * 255).round().to(torch.uint8)
+    assert abs(dsprites_representation_fn(m, SIZE)(u8[:, 0].numpy()) - dsprites_representation_fn(m, SIZE)(u8.float() / 255)).max() < 1e-5
+
+
+def test_typed_value_beats_the_preset():
+    "The old flat config's `quick=True` replaced every value equal to its default: IBGANConfig(quick=True, steps=150000) ran 3000 steps."
+    c = make_config('dsprites-ibgan', {'train.steps': 150000}, preset='quick')
+    assert c.train.steps == 150000 and c.data.img_size == 32 and c.model.ngf == 8      # the rest of the preset still applies
+    assert make_config('dsprites-ibgan', preset='quick').train.steps == 3000
+    c = make_config('color-dsprites-ibgan', ['model.noise_iters=400000', 'data.img_size=64'], preset='quick')
+    assert (c.model.noise_iters, c.data.img_size, c.model.beta, c.train.steps) == (400000, 64, 0.071, 3000)
+    assert set(DSPRITES_QUICK) == {'train.steps', 'train.eval_every', 'train.ckpt_every', 'train.log_every', 'model.ngf', 'model.ndf',
+                          'model.lr_g', 'model.lr_d', 'model.noise_iters', 'data.img_size', 'data.n_train',
+                          'eval.fv_train', 'eval.fv_eval', 'eval.fv_std'}
+
+
+def test_experiment_defaults_and_model_sections():
+    c = make_config('dsprites-ibgan')
+    assert (c.train.steps, c.train.batch_size, c.train.eval_every, c.model.beta, c.model.z_dim) == (150_000, 64, 10_000, 0.141, 16)
+    c = make_config('color-dsprites-infogan')
+    assert (c.model_name, c.data.dataset, c.train.steps, c.model.noise_iters) == ('infogan', 'color-dsprites', 500_000, 400_000)
+    assert 'beta' not in c.to_dict()['model'] and 'z_dim' not in make_config('dsprites-gan').to_dict()['model']
+    with pytest.raises(UsageError, match='model ibgan uses it'): make_config('dsprites-gan', ['model.beta=0.1'])
+    assert make_config('dsprites-gan', ['model.name=ibgan']).model.beta == 0.141
+
+
+def test_run_load_and_evaluate(tmp_path):
+    ov = {'train.steps': 3, 'train.batch_size': 8, 'data.img_size': SIZE, 'data.n_train': 64, 'model.ngf': 4, 'model.ndf': 4,
+          'model.r_dim': 4, 'model.z_dim': 6, 'train.log_every': 1, 'eval.fv_train': 5, 'eval.fv_eval': 5, 'eval.fv_std': 50,
+          'eval.fv_batch': 4, 'eval.fv_subset': 300, 'train.threads': 1, 'train.progress': False}
+    rd, metrics = run_experiment('dsprites-ibgan', ov, out=tmp_path / 'run', preset='quick')
+    assert {'factor_vae', 'active_dims', 'I_L', 'I_U', 'KL_4'} <= set(metrics)
+    assert (rd / 'traversals.png').exists() and (rd / 'bounds.png').exists()
+    run = load_run(rd)
+    assert not run.model.training and 'train' not in vars(run.data)
+    fresh = build_ibgan_model(run.config)
+    fresh.load_state_dict(torch.load(rd / 'checkpoint.pt', weights_only=True)['model']); fresh.eval()
+    x = batch(5)[0]
+    assert torch.equal(run.model.representation(x), fresh.representation(x))
+    z = torch.randn(3, 6)
+    with torch.no_grad(): assert torch.equal(run.model(z), fresh(z))
+    assert dsprites_representation_fn(run.model, SIZE)(torch.rand(4, 1, 64, 64)).shape == (4, 4)   # 64 px images are pooled
+    assert 'train' not in vars(run.data)                                                  # evaluation data only
 
 
 def test_bad_inputs():
-    with pytest.raises(ValueError, match='model must be one of'): IBGAN('vae')
+    with pytest.raises(TypeError, match='cfg must be one of'): IBGAN(object())
     with pytest.raises(ValueError, match='img_size'): IBGAN(img_size=20)
-    with pytest.raises(ValueError, match='beta'): IBGAN(beta=-0.1)
-    with pytest.raises(ValueError, match='lr_d'): IBGAN(lr_d=0)
-    with pytest.raises(ValueError, match='enc_hidden'): IBGAN(enc_hidden='64,x')
+    with pytest.raises(ValueError, match='nc'): IBGAN(nc=0)
+    with pytest.raises(ValueError, match='beta'): IBGANConfig(beta=-0.1)
+    with pytest.raises(ValueError, match='lr_d'): GANConfig(lr_d=0)
+    with pytest.raises(ValueError, match='enc_hidden'): IBGANConfig(enc_hidden='64,x')
     with pytest.raises(ValueError, match='no representation encoder'): tiny('infogan').encode(torch.zeros(2, 4))
     m = tiny()
-    with pytest.raises(ValueError, match='nc/img_size'): m.train_step((torch.zeros(4, 3, SIZE, SIZE),), ctx_for(m))
+    with pytest.raises(ValueError, match='built for'): m.train_step((torch.zeros(4, 3, SIZE, SIZE),), ctx_for(m))
     with pytest.raises(ValueError, match='batch must hold images'): m.train_step(torch.zeros(4, SIZE, SIZE), ctx_for(m))
-    with pytest.raises(ValueError, match='dataset must be one of'): IBGANConfig(dataset='mnist')
-    with pytest.raises(ValueError, match='model must be one of'): IBGANConfig(model='vae')
+    with pytest.raises(ValueError, match='dataset must be one of'): DSpritesDataConfig(dataset='mnist')
+    with pytest.raises(ValueError, match='fv_batch'): DSpritesEvalConfig(fv_batch=1)
+    with pytest.raises(UsageError, match='no model'): make_config('dsprites-ibgan', ['model.name=vae'])
 
 
 def test_score_on_rendered_sprites():
-    from dlatent.dsprites import DSprites
-    from dlatent.ibgan import score_model
+    from dlatent.data.dsprites import DSprites
     m = tiny()
-    sc = score_model(m, DSprites(subset=1000, use_cache=False, verbose=False), n_train=20, n_eval=10, n_votes_batch=8, n_std=200, n_bounds=100)
+    sc = score_ibgan(m, DSprites(subset=1000, use_cache=False, verbose=False), SIZE, n_train=20, n_eval=10, n_votes_batch=8, n_std=200, n_bounds=100)
     assert 0 <= sc['factor_vae'] <= 1 and 0 <= sc['active_dims'] <= 4 and math.isfinite(sc['I_L']) and sc['I_U'] >= 0
 
+
+def test_data_is_lazy():
+    d = DSpritesData('dsprites', n_train=50, img_size=SIZE, seed=0, fv_subset=100)
+    assert not {'train', 'factors'} & set(vars(d)) and d.nc == 1
+    assert len(d.factors) == 100 and 'train' not in vars(d)
+    x, f = d.train.tensors
+    assert x.shape == (50, 1, SIZE, SIZE) and x.dtype == torch.uint8 and f.shape == (50, 5)
+
+
 def test_recalibrated_batchnorm_matches_training_mode_and_leaves_model_alone():
-    import copy
-    from torch import nn
-    from dlatent.ibgan import recalibrate_batchnorm, estimate_bounds
     torch.manual_seed(0)
-    m = IBGAN('infogan', z_dim=6, r_dim=6, ngf=4, ndf=4, img_size=16).eval()
+    m = IBGAN(InfoGANConfig(r_dim=6, ngf=4, ndf=4), img_size=16).eval()
     for b in m.trunk.modules():                                  # stale running statistics, as after a GAN's training
         if isinstance(b, nn.BatchNorm2d): b.running_mean.fill_(-3.); b.running_var.fill_(50.)
     before = {k: v.clone() for k, v in m.state_dict().items()}
@@ -165,10 +237,9 @@ def test_recalibrated_batchnorm_matches_training_mode_and_leaves_model_alone():
     assert abs(fresh - train_IL) < 0.1 < abs(stale - train_IL)
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
 
+
 def test_recalibration_keeps_each_layers_momentum():
-    from torch import nn
-    from dlatent.ibgan import recalibrate_batchnorm
-    m = IBGAN('gan', z_dim=4, r_dim=4, ngf=4, ndf=4, img_size=16)
+    m = IBGAN(GANConfig(r_dim=4, ngf=4, ndf=4), img_size=16)
     bns = [b for b in m.modules() if isinstance(b, nn.modules.batchnorm._BatchNorm)]
     bns[0].momentum = 0.3
     r = recalibrate_batchnorm(m, n=64, batch_size=32)

@@ -5,9 +5,9 @@ import pytest, scipy.linalg, torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from dlatent.metrics import (inception_score, inception_score_of, ImageClassifier, train_classifier, accuracy, frechet_distance,
+from dlatent.metrics.quality import (inception_score, inception_score_of, ImageClassifier, train_classifier, accuracy, frechet_distance,
                              fid, fid_of, torchmetrics_fid, intra_class_diversity, pairwise_ms_ssim, ms_ssim_settings)
-from dlatent.disentanglement import (FactorDataset, SyntheticFactors, FactorTable, all_factors, factor_vae_score, mig,
+from dlatent.metrics.disentanglement import (FactorDataset, SyntheticFactors, FactorTable, all_factors, factor_vae_score, mig,
                                      dci_disentanglement, discretize, count_matrix, ent_score, nmi_score,
                                      match_codes_to_classes, prior_rmse)
 

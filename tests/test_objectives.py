@@ -3,12 +3,12 @@ import math
 import pytest
 import torch
 import torch.distributions as D
-from dlatent.distributions import (gaussian_log_prob, reparameterize, kl_std_normal, kl_gaussians, GaussianMixturePrior,
+from dlatent.objectives.distributions import (gaussian_log_prob, reparameterize, kl_std_normal, kl_gaussians, GaussianMixturePrior,
                                    total_gaussian, set_validation)
-from dlatent.gm import gm_losses, gm_loss, class_posterior, total_gaussian_lkd
-from dlatent.ib import ib_lower_bound, ib_upper_bound, gaussian_entropy
-from dlatent.gumbel import gumbel_softmax, LearnablePrior
-from dlatent.elbo import LinearGaussianModel, elbo_split_terms
+from dlatent.objectives.gm import gm_losses, gm_loss, class_posterior, total_gaussian_lkd
+from dlatent.objectives.ib import ib_lower_bound, ib_upper_bound, gaussian_entropy
+from dlatent.objectives.gumbel import gumbel_softmax, LearnablePrior
+from dlatent.objectives.elbo import LinearGaussianModel, elbo_split_terms
 
 torch.set_num_threads(1)
 SEEDS = range(5)
