@@ -46,13 +46,17 @@ def _check_channels(channels, code_dim=None, code_name: str = ''):
     if code_name and (isinstance(code_dim, bool) or not isinstance(code_dim, int) or code_dim < 1):
         raise ValueError(f"{code_name} must be a positive int (the code size), got {code_dim!r}")
 
+def _checked_arch(size, channels, arch, code_dim, code_name) -> ImageArch:
+    "The architecture to build (`arch`, or Table 3's for `size`), after checking the channels and the code size."
+    _check_channels(channels, code_dim, code_name)
+    return arch or image_arch(size)
+
 # %% ../../nbs/21_networks_conv.ipynb #756f969b
 class ConvEncoder(nn.Module):
     "Image (N, channels, size, size) -> vector (N, out_dim): stride-2 convs + BN + ReLU, fc + BN + ReLU, linear (Table 3)."
     def __init__(self, size: int, channels: int, out_dim: int, arch: ImageArch | None = None):
         super().__init__()
-        _check_channels(channels, out_dim, 'out_dim')
-        self.arch = arch = arch or image_arch(size)
+        self.arch = arch = _checked_arch(size, channels, arch, out_dim, 'out_dim')
         layers, c = [], channels
         for w in arch.enc_widths:
             layers += [nn.Conv2d(c, w, 3, 2, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU()]
@@ -72,8 +76,7 @@ class ConvDecoder(nn.Module):
     "Code (N, in_dim) -> image (N, channels, size, size) in [0, 1]: the encoder's inverse (Table 3), sigmoid output."
     def __init__(self, size: int, channels: int, in_dim: int, arch: ImageArch | None = None):
         super().__init__()
-        _check_channels(channels, in_dim, 'in_dim')
-        self.arch = arch = arch or image_arch(size)
+        self.arch = arch = _checked_arch(size, channels, arch, in_dim, 'in_dim')
         sizes, widths = arch.sizes[::-1], arch.enc_widths[::-1]
         self.start = (widths[0], sizes[0])
         self.fc = nn.Sequential(nn.Linear(in_dim, widths[0] * sizes[0] ** 2, bias=False),

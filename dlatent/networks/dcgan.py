@@ -7,14 +7,12 @@ from __future__ import annotations
 import torch
 from torch import nn, Tensor
 
+from .mlp import feature_side
+
 # %% auto #0
 __all__ = ['Generator', 'disc_trunk', 'disc_head']
 
 # %% ../../nbs/22_networks_dcgan.ipynb #79fbe2ac
-def _check_img_size(img_size: int):
-    if not isinstance(img_size, int) or img_size < 8 or img_size % 8:
-        raise ValueError(f"img_size must be a positive multiple of 8 (e.g. 64 or 32), got {img_size!r}")
-
 def _bn_relu_deconv(c_in, c_out, k, s, p):
     return [nn.ConvTranspose2d(c_in, c_out, k, s, p, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True)]
 
@@ -22,8 +20,7 @@ class Generator(nn.Module):
     "G(r): FC layers to an (4 ngf, size/8, size/8) map, then up-convolutions to (nc, size, size) in [-1, 1] (paper 2, Table 4)."
     def __init__(self, r_dim: int = 10, nc: int = 1, ngf: int = 16, img_size: int = 64):
         super().__init__()
-        _check_img_size(img_size)
-        self.s = img_size // 8
+        self.s = feature_side(img_size, 3)
         self.fc = nn.Sequential(nn.Linear(r_dim, ngf * 16), nn.BatchNorm1d(ngf * 16), nn.ReLU(True),
                                 nn.Linear(ngf * 16, self.s * self.s * ngf * 4), nn.BatchNorm1d(self.s * self.s * ngf * 4), nn.ReLU(True))
         self.conv = nn.Sequential(*_bn_relu_deconv(ngf * 4, ngf * 4, 3, 1, 1), *_bn_relu_deconv(ngf * 4, ngf * 4, 3, 1, 1),
@@ -43,7 +40,6 @@ def disc_trunk(nc: int = 1, ndf: int = 16) -> nn.Sequential:
 
 def disc_head(n_out: int, ndf: int = 16, img_size: int = 64) -> nn.Sequential:
     "A head on the trunk's (4 ndf, size/8, size/8) features: two 3x3 convs, a conv over the whole map, a linear output."
-    _check_img_size(img_size)
-    s = img_size // 8
+    s = feature_side(img_size, 3)
     return nn.Sequential(*_conv_bn_lrelu(ndf * 4, ndf * 4, 3, 1, 1), *_conv_bn_lrelu(ndf * 4, ndf * 4, 3, 1, 1),
                          *_conv_bn_lrelu(ndf * 4, ndf * 16, s, 1, 0), nn.Flatten(), nn.Linear(ndf * 16, n_out))

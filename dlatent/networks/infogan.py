@@ -7,16 +7,12 @@ from __future__ import annotations
 import torch
 from torch import nn, Tensor
 
-from .mlp import mlp
+from .mlp import mlp, feature_side
 
 # %% auto #0
 __all__ = ['init_infogan_weights', 'InfoGenerator', 'DiscriminatorTrunk', 'QHead']
 
 # %% ../../nbs/23_networks_infogan.ipynb #816da04f
-def _check_img_size(img_size):
-    if not (isinstance(img_size, int) and img_size >= 4 and img_size % 4 == 0):
-        raise ValueError(f"img_size must be a positive multiple of 4 (two stride-2 layers), got {img_size!r}; MNIST is 28")
-
 def init_infogan_weights(module: nn.Module):
     "The official code's initialisation: conv and linear weights ~ N(0, 0.02), batch-norm scales ~ N(1, 0.02), biases 0."
     for m in module.modules():
@@ -27,8 +23,7 @@ class InfoGenerator(nn.Module):
     "G(z, c): noise (B, z_dim) and code (B, k) to images (B, channels, img_size, img_size) in [0, 1]."
     def __init__(self, z_dim: int = 62, n_classes: int = 10, img_size: int = 28, channels: int = 1):
         super().__init__()
-        _check_img_size(img_size)
-        self.s = img_size // 4
+        self.s = feature_side(img_size, 2)
         self.fc = mlp([z_dim + n_classes, 1024, 128 * self.s ** 2], batchnorm=True,
                       out_act=nn.Sequential(nn.BatchNorm1d(128 * self.s ** 2), nn.ReLU()))
         self.deconv = nn.Sequential(nn.ConvTranspose2d(128, 64, 4, 2, 1), nn.BatchNorm2d(64), nn.ReLU(),
@@ -41,8 +36,7 @@ class DiscriminatorTrunk(nn.Module):
     "The layers D and Q share: images to 1024 features."
     def __init__(self, img_size: int = 28, channels: int = 1):
         super().__init__()
-        _check_img_size(img_size)
-        s = img_size // 4
+        s = feature_side(img_size, 2)
         self.conv = nn.Sequential(nn.Conv2d(channels, 64, 4, 2, 1), nn.LeakyReLU(0.2),
                                   nn.Conv2d(64, 128, 4, 2, 1), nn.BatchNorm2d(128), nn.LeakyReLU(0.2), nn.Flatten())
         self.fc = mlp([128 * s * s, 1024], out_act=nn.Sequential(nn.BatchNorm1d(1024), nn.LeakyReLU(0.2)))

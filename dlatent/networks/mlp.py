@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['mlp', 'ProjectionDiscriminator']
+__all__ = ['mlp', 'feature_side', 'ProjectionDiscriminator']
 
 # %% ../../nbs/20_networks.ipynb #6d855467
 def _activation(name: str) -> nn.Module:
@@ -32,6 +32,14 @@ def mlp(sizes, act: str = 'relu', batchnorm: bool = False, spectral: bool = Fals
             layers.append(_activation(act))
     if out_act is not None: layers.append(out_act)
     return nn.Sequential(*layers)
+
+# %% ../../nbs/20_networks.ipynb #fe6c8663
+def feature_side(img_size: int, n_halvings: int) -> int:
+    "The side of the feature map after `n_halvings` stride-2 layers; a ValueError when `img_size` is not a multiple of 2**n_halvings."
+    k = 2 ** n_halvings
+    if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < k or img_size % k:
+        raise ValueError(f"img_size must be a positive multiple of {k} ({n_halvings} stride-2 layers halve it), got {img_size!r}")
+    return img_size // k
 
 # %% ../../nbs/20_networks.ipynb #58d54a0f
 class ProjectionDiscriminator(nn.Module):
