@@ -18,6 +18,7 @@ lic = licenses[cfg['license'].lower()]
 
 requirements = shlex.split(cfg.get('requirements', ''))
 dev_requirements = shlex.split(cfg.get('dev_requirements', ''))
+ray_requirements = shlex.split(cfg.get('ray_requirements', ''))
 console_scripts = cfg.get('console_scripts', '').split()
 
 setuptools.setup(
@@ -41,8 +42,8 @@ setuptools.setup(
     include_package_data=True,
     package_data={'dlatent': ['data_files/*']},
     install_requires=requirements,
-    # tensorboard: optional TensorBoard logging in the training engine (TrainConfig.tensorboard)
-    extras_require={'dev': dev_requirements, 'tensorboard': ['tensorboard']},
+    # tensorboard: optional TensorBoard logging in the training engine (TrainConfig.tensorboard); ray: sweeps on a Ray cluster
+    extras_require={'dev': dev_requirements, 'tensorboard': ['tensorboard'], 'ray': ray_requirements},
     python_requires='>=' + min_python,
     zip_safe=False,
     entry_points={'console_scripts': console_scripts, 'nbdev': [f'{cfg["lib_path"]}={cfg["lib_path"]}._modidx:d']},

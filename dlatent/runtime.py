@@ -4,27 +4,47 @@
 
 # %% ../nbs/09_runtime.ipynb #82cda679
 from __future__ import annotations
-import contextlib, json, os, random, tempfile
+import contextlib, json, os, random, re, secrets, shutil, socket, sys, time, zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['pick_device', 'pick_dtype', 'seed_everything', 'rng_state', 'set_rng_state', 'atomic_path', 'atomic_save',
-           'load_checkpoint', 'write_json']
+__all__ = ['check_device_name', 'pick_device', 'pick_dtype', 'seed_everything', 'rng_state', 'set_rng_state', 'notice',
+           'remove_stale_temps', 'atomic_path', 'atomic_save', 'CheckpointError', 'verify_checkpoint',
+           'load_checkpoint', 'write_json', 'read_json']
 
 # %% ../nbs/09_runtime.ipynb #c66c9b01
+_DEVICE_HELP = "use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
+
+def check_device_name(device: str) -> torch.device | None:
+    """The `torch.device` that `device` names, or None for 'auto'; a ValueError for a name dlatent cannot train on (a device
+    type other than cpu, cuda and mps, such as 'meta', or an index on the CPU). Availability is `pick_device`'s to check."""
+    if isinstance(device, torch.device): device = str(device)
+    if not isinstance(device, str): raise ValueError(f"device must be a string ({_DEVICE_HELP}), got {device!r}")
+    if device == 'auto': return None
+    try: dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError): raise ValueError(f"unknown device {device!r}: {_DEVICE_HELP}") from None
+    if dev.type not in ('cpu', 'cuda', 'mps'):
+        raise ValueError(f"device {device!r} is not one dlatent trains on: {_DEVICE_HELP}")
+    if dev.type in ('cpu', 'mps') and dev.index not in (None, 0):
+        raise ValueError(f"device {device!r}: there is one {dev.type.upper()} device, it has no index {dev.index}; use '{dev.type}'")
+    return dev
+
 def pick_device(device: str = 'auto') -> torch.device:
     "The device to train on: CUDA if present, then Apple's MPS, then the CPU; or the one named."
-    if device == 'auto':
+    dev = check_device_name(device)
+    if dev is None:
         if torch.cuda.is_available(): return torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
         if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available(): return torch.device('mps')
         return torch.device('cpu')
-    try: dev = torch.device(device)
-    except RuntimeError as e: raise ValueError(f"unknown device {device!r}: use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from e
-    if dev.type == 'cuda' and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for but CUDA is not available here; use --device cpu or auto")
+    if dev.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} was asked for but CUDA is not available here; use --device cpu or auto")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"device {device!r}: this machine has {n} CUDA device{'s' if n > 1 else ''}, numbered 0..{n - 1}")
     if dev.type == 'mps' and not (getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available()):
         raise ValueError(f"device {device!r} was asked for but MPS is not available here; use --device cpu or auto")
     return dev
@@ -60,16 +80,72 @@ def set_rng_state(state: dict):
     if 'cuda' in state and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state['cuda'])
 
 # %% ../nbs/09_runtime.ipynb #fa741257
+def notice(message: str):
+    "One line on stderr for something the user should know but need not act on: a fallback taken, a cache rebuilt."
+    print(f'dlatent: {message}', file=sys.stderr, flush=True)
+
+_HOST = re.sub(r'[^A-Za-z0-9_]', '_', socket.gethostname()) or 'host'
+_STALE_AFTER = 3600.0   # seconds: a temporary file of another host (or an unnamed writer) untouched this long is stale
+
+def _temp_path(path: Path) -> Path:
+    return path.parent / f'.{path.name}.{_HOST}-{os.getpid()}-{secrets.token_hex(4)}.tmp'
+
+def _process_alive(pid: int) -> bool:
+    if os.name == 'nt': return True          # no signal-0 probe there: temporary files go by age only
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except OSError: return True               # it exists but belongs to someone else
+    return True
+
+def remove_stale_temps(path: str | Path) -> list[Path]:
+    """Remove the temporary files that interrupted writes of `path` left beside it: those of a dead process of this host, and
+    any untouched for an hour. Returns what was removed. Temporary files of live writers are left alone."""
+    path = Path(path)
+    removed, prefix = [], f'.{path.name}.'
+    try: entries = [p for p in path.parent.iterdir() if p.name.startswith(prefix) and p.name.endswith('.tmp')]
+    except OSError: return removed
+    for p in entries:
+        host, _, rest = p.name[len(prefix):-len('.tmp')].rpartition('-')[0].rpartition('-')
+        pid = int(rest) if rest.isdigit() else None
+        try:
+            if host == _HOST and pid is not None: stale = pid != os.getpid() and not _process_alive(pid)
+            else: stale = time.time() - p.stat().st_mtime > _STALE_AFTER
+            if stale: p.unlink(); removed.append(p)
+        except OSError: pass                  # gone already, or not ours to remove
+    return removed
+
+def _create_temp(path: Path) -> Path:
+    "A new empty file beside `path`, created with mode 0666 less the umask (not mkstemp's 0600)."
+    for _ in range(100):
+        tmp = _temp_path(path)
+        try: fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError: continue
+        os.close(fd); return tmp
+    raise FileExistsError(f"could not create a temporary file beside {path}")
+
+def _keep_as(path: Path, previous: Path):
+    "Make `previous` name the current content of `path`, atomically (a hard link; a copy where links are not supported)."
+    with contextlib.suppress(OSError):
+        if os.path.samefile(path, previous): return   # already (a rename onto another link of one file would do nothing)
+    tmp = _temp_path(previous)
+    try:
+        try: os.link(path, tmp)
+        except OSError: shutil.copy2(path, tmp)
+        os.replace(tmp, previous)
+    finally: tmp.unlink(missing_ok=True)
+
 @contextlib.contextmanager
-def atomic_path(path: str | Path):
+def atomic_path(path: str | Path, previous: str | Path | None = None):
     """Yield a temporary path beside `path` to write to; when the block ends it is fsynced and renamed over `path`,
-    and if the block fails it is removed. Every file the library writes that must survive a crash goes through here."""
+    and if the block fails it is removed. With `previous`, the file `path` held before is kept under that name.
+    Every file the library writes that must survive a crash goes through here."""
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp'); os.close(fd)
-    tmp = Path(tmp)
+    remove_stale_temps(path)
+    tmp = _create_temp(path)
     try:
         yield tmp
         with open(tmp, 'rb+') as f: os.fsync(f.fileno())
+        if previous is not None and path.is_file(): _keep_as(path, Path(previous))
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -79,17 +155,60 @@ def atomic_path(path: str | Path):
         try: os.fsync(dfd)
         finally: os.close(dfd)
 
-def atomic_save(obj, path: str | Path):
-    "`torch.save` to `path` so that a crash at any moment leaves the previous file intact."
-    with atomic_path(path) as tmp: torch.save(obj, tmp)
+def atomic_save(obj, path: str | Path, previous: str | Path | None = None):
+    "`torch.save` to `path` so that a crash at any moment leaves the previous file intact (kept as `previous` if given)."
+    with atomic_path(path, previous) as tmp: torch.save(obj, tmp)
 
-def load_checkpoint(path: str | Path, map_location='cpu') -> dict:
-    "Load a checkpoint written by the engine, without unpickling arbitrary objects."
+# %% ../nbs/09_runtime.ipynb #73d0c8ad
+class CheckpointError(ValueError):
+    "A checkpoint file that cannot be used: damaged, truncated, not a checkpoint, or not the kind expected."
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(': ')
+
+def verify_checkpoint(path: str | Path):
+    "Raise a `CheckpointError` unless `path` is a complete zip archive (what `torch.save` writes) whose every record matches its CRC."
     path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"no checkpoint at {path}: train first, or point to a run directory that has one")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    if path.is_dir(): raise CheckpointError(f"{path} is a directory, not a checkpoint file; remove it")
+    try:
+        with zipfile.ZipFile(path) as z:
+            if not z.namelist(): raise zipfile.BadZipFile('the archive is empty')
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError, NotImplementedError) as e:
+        size = path.stat().st_size if path.exists() else 0
+        what = 'is empty (0 bytes)' if size == 0 else f'is not a complete checkpoint archive ({_first_line(e)}; {size:,} bytes)'
+        raise CheckpointError(f"{path} {what}: it was truncated, damaged or is not a checkpoint") from None
+    if bad is not None:
+        raise CheckpointError(f"{path} is damaged: the bytes of its record {bad!r} do not match their CRC (it was changed "
+                              f"after it was written)")
+
+def load_checkpoint(path: str | Path, map_location='cpu', verify: bool = True) -> dict:
+    """Load a checkpoint written by the library: verified against its CRCs (unless `verify=False`), without unpickling
+    arbitrary objects. A `FileNotFoundError` if there is none, a `CheckpointError` naming the file if it cannot be used."""
+    path = Path(path)
+    if not path.exists(): raise FileNotFoundError(f"no checkpoint at {path}: train first, or point to a run directory that has one")
+    if verify: verify_checkpoint(path)
+    try: return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} cannot be loaded as a checkpoint ({_first_line(e)}); it was not written by dlatent, "
+                              f"or holds objects a safe load refuses") from None
 
 # %% ../nbs/09_runtime.ipynb #0775a712
 def write_json(obj, path: str | Path):
     "Write JSON atomically (temp file + rename), so a crash never leaves half a file."
     with atomic_path(path) as tmp: Path(tmp).write_text(json.dumps(obj, indent=2, default=float))
+
+def read_json(path: str | Path, expect: type | None = dict, fix: str = 'delete it, or restore it from a backup'):
+    """The JSON value in `path`; with `expect`, it must be of that type (an object by default). Anything wrong (a directory,
+    unreadable bytes, invalid JSON, another type) is a `ValueError` of one line that names the file and ends with `fix`."""
+    path = Path(path)
+    if not path.exists(): raise FileNotFoundError(f"{path} does not exist")
+    if path.is_dir(): raise ValueError(f"{path} is a directory, not a JSON file; {fix}")
+    try: obj = json.loads(path.read_text())
+    except json.JSONDecodeError as e: raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); {fix}") from None
+    except (OSError, UnicodeDecodeError) as e: raise ValueError(f"{path} cannot be read ({_first_line(e)}); {fix}") from None
+    if expect is not None and not isinstance(obj, expect):
+        kinds = {dict: 'an object {...}', list: 'a list [...]', str: 'a string', type(None): 'null', bool: 'true/false'}
+        raise ValueError(f"{path} holds {kinds.get(type(obj), 'a number')} where {kinds.get(expect, expect.__name__)} belongs; {fix}")
+    return obj

@@ -14,14 +14,18 @@ import torch
 from torch import nn, Tensor
 import torch.distributed as dist
 
-from .runtime import pick_device, pick_dtype, seed_everything, rng_state, set_rng_state, atomic_path, atomic_save, load_checkpoint
+from .runtime import (pick_device, pick_dtype, seed_everything, rng_state, set_rng_state, atomic_path, atomic_save,
+                             load_checkpoint, check_device_name, notice, CheckpointError, _first_line)
+from .objectives.distributions import validation
 
 
 # %% auto #0
 __all__ = ['TrainConfig', 'dist_info', 'init_distributed', 'is_main_process', 'to_channels_last', 'BatchStream', 'LoaderStream',
            'StepContext', 'Trainable', 'check_trainable', 'History', 'plot_history', 'save_image_grid',
-           'NonFiniteLossError', 'FitResult', 'Callback', 'default_callbacks', 'Trainer', 'fit', 'ProgressBar',
-           'HistoryCSV', 'Checkpointer', 'Evaluator', 'SampleGrid', 'TensorBoardLogger', 'TinyClassifier']
+           'NonFiniteLossError', 'CheckpointMismatchError', 'FitResult', 'Callback', 'optimizer_hparams',
+           'state_dict_mismatch', 'check_checkpoint', 'find_nonfinite', 'default_callbacks', 'Trainer', 'fit',
+           'ProgressBar', 'HistoryCSV', 'Checkpointer', 'Evaluator', 'SampleGrid', 'TensorBoardLogger',
+           'TinyClassifier']
 
 # %% ../nbs/50_train.ipynb #e0d1a3af
 @dataclass
@@ -49,11 +53,17 @@ class TrainConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"TrainConfig.{name} must be a non-negative integer, got {v!r}")
         if self.batch_size == 0: raise ValueError("TrainConfig.batch_size must be at least 1")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"TrainConfig.seed must be an integer in 0..{2**32 - 1}, got {self.seed!r}")
+        for name in ('threads', 'num_workers'):
+            if getattr(self, name) > 1024: raise ValueError(f"TrainConfig.{name} must be at most 1024, got {getattr(self, name)!r}")
         if self.log_every == 0: raise ValueError("TrainConfig.log_every must be at least 1")
         if self.steps == 0 and self.epochs == 0:
             raise ValueError("TrainConfig needs `steps` > 0 or `epochs` > 0 to know when to stop")
         if self.precision not in ('auto', 'fp32', 'bf16', 'fp16'):
             raise ValueError(f"TrainConfig.precision must be one of 'auto', 'fp32', 'bf16', 'fp16', got {self.precision!r}")
+        try: check_device_name(self.device)
+        except ValueError as e: raise ValueError(f"TrainConfig.device: {e}") from None
         for name in ('compile', 'progress', 'channels_last', 'tensorboard'):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TrainConfig.{name} must be True or False, got {getattr(self, name)!r}")
@@ -282,7 +292,10 @@ def save_image_grid(images: Tensor, path: str | Path, nrow: int = 8, padding: in
 
 # %% ../nbs/50_train.ipynb #15d52a77
 class NonFiniteLossError(RuntimeError):
-    "Training produced a NaN or infinite loss."
+    "Training diverged: a loss, a parameter, a buffer or an optimizer's state became NaN or infinite."
+
+class CheckpointMismatchError(CheckpointError):
+    "A sound checkpoint that does not fit the model and optimizers it is loaded into (other settings, or another model)."
 
 @dataclass
 class FitResult:
@@ -300,6 +313,7 @@ class Callback:
     default, so yours see what they did. Under `torchrun` every process runs every callback: test `trainer.is_main`
     to act once."""
     order = 50
+    def before_restore(self, trainer, checkpoint: dict): "With `resume`: a verified checkpoint, before it is loaded (raise to refuse it)."
     def before_fit(self, trainer): "After set-up, restore and prepare, before the first step."
     def before_step(self, trainer): "Before `train_step` runs on `trainer.batch`."
     def after_step(self, trainer): "After an iteration: `trainer.step` counts it and `trainer.losses` holds its losses (on the device)."
@@ -309,12 +323,72 @@ class Callback:
     def after_fit(self, trainer): "After the last step and its log row: final checkpoint, evaluation, samples."
     def cleanup_fit(self, trainer): "Last of all, also when training raised: close files, bars, writers."
 
+# %% ../nbs/50_train.ipynb #b43865a5
+def _is_hparam(v) -> bool:
+    "A number or a tuple of numbers (not a bool, not a tensor): what an optimizer setting such as lr or betas is."
+    num = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
+    return num(v) or (isinstance(v, tuple) and len(v) > 0 and all(num(x) for x in v))
+
+def optimizer_hparams(optimizers: Mapping) -> dict:
+    "{name: [{setting: value} for each param group]}: the numeric settings (lr, betas, eps, weight_decay, ...) of each optimizer."
+    return {k: [{h: v for h, v in g.items() if h not in ('params', 'initial_lr') and _is_hparam(v)} for g in o.param_groups]
+            for k, o in optimizers.items()}
+
+def state_dict_mismatch(expected: Mapping, saved: Mapping, limit: int = 3) -> str:
+    "'' when `saved` has exactly the keys and tensor shapes of `expected` (a model's state dict); else what differs, in one line."
+    few = lambda xs: ', '.join(xs[:limit]) + (f' and {len(xs) - limit} more' if len(xs) > limit else '')
+    shapes = [f"{k} is {tuple(saved[k].shape)} where the model has {tuple(v.shape)}" for k, v in expected.items()
+              if k in saved and isinstance(v, Tensor) and isinstance(saved[k], Tensor) and saved[k].shape != v.shape]
+    missing, extra = [k for k in expected if k not in saved], [k for k in saved if k not in expected]
+    return '; '.join(p for p in (shapes and few(shapes), missing and f"it lacks {few(missing)}",
+                                 extra and f"it has {few(extra)}, which the model does not") if p)
+
+_CHECKPOINT_PARTS = ('model', 'optimizers', 'schedulers', 'scaler', 'rng', 'step', 'history')
+
+def check_checkpoint(ck, path: str | Path = 'the checkpoint'):
+    "Raise a `CheckpointError` naming `path` unless `ck` holds every part of a training checkpoint, each of the right kind."
+    def bad(what): raise CheckpointError(f"{path} is not a complete training checkpoint: {what}; it was damaged or written by something else")
+    if not isinstance(ck, dict): bad(f"it holds a {type(ck).__name__}, not the dict the engine writes")
+    if missing := [k for k in _CHECKPOINT_PARTS if k not in ck]: bad(f"it lacks {', '.join(missing)}")
+    if not isinstance(ck['model'], Mapping) or not all(isinstance(v, Tensor) for v in ck['model'].values()):
+        bad("its 'model' is not a state dict of tensors")
+    for part in ('optimizers', 'schedulers', 'rng'):
+        if not isinstance(ck[part], Mapping): bad(f"its {part!r} is a {type(ck[part]).__name__}, not a dict")
+    if isinstance(ck['step'], bool) or not isinstance(ck['step'], int) or ck['step'] < 0: bad(f"its step is {ck['step']!r}")
+    if not isinstance(ck['history'], list) or not all(isinstance(r, dict) for r in ck['history']): bad("its history is not a list of rows")
+
+def find_nonfinite(model: nn.Module, optimizers: Mapping = {}) -> tuple[str, str] | None:
+    """(name, 'nan' or 'inf') of the first parameter, floating buffer or optimizer state tensor of `model` that holds NaN or
+    inf, else None. One inf-norm reduction per tensor group and device, one read-back per device."""
+    names = {p: n for n, p in model.named_parameters()}
+    named = [(f'parameter {n!r}', p) for n, p in model.named_parameters()]
+    named += [(f'buffer {n!r}', b) for n, b in model.named_buffers() if b.is_floating_point()]
+    for k, o in optimizers.items():
+        for p, st in o.state.items():
+            named += [(f"optimizer {k!r} state {sk!r} of parameter {names.get(p, '?')!r}", v) for sk, v in st.items()
+                      if isinstance(v, Tensor) and v.is_floating_point()]
+    groups = {}
+    for name, t in named:
+        if t.numel(): groups.setdefault((t.device, t.dtype), []).append((name, t.detach()))
+    by_device = {}
+    for (device, _), items in groups.items():   # one fused inf-norm per device and dtype, one read-back per device
+        try: norms = torch._foreach_norm([t for _, t in items], float('inf'))
+        except (AttributeError, RuntimeError): norms = [torch.linalg.vector_norm(t, float('inf')) for _, t in items]
+        labels, flags = by_device.setdefault(device, ([], []))
+        labels += [n for n, _ in items]; flags += [n.float() for n in norms]
+    for labels, flags in by_device.values():
+        norms = torch.stack(flags).cpu()
+        if not bool(torch.isfinite(norms).all()):
+            i = int(torch.nonzero(~torch.isfinite(norms))[0])
+            return labels[i], 'nan' if math.isnan(norms[i]) else 'inf'
+    return None
+
 # %% ../nbs/50_train.ipynb #13297a79
-def _checkpoint_state(model, optimizers, schedulers, scaler, step, history, config) -> dict:
+def _checkpoint_state(model, optimizers, schedulers, scaler, step, history, config, hparams=None) -> dict:
     return dict(model=model.state_dict(), optimizers={k: o.state_dict() for k, o in optimizers.items()},
                 schedulers={k: s.state_dict() for k, s in schedulers.items()},
                 scaler=scaler.state_dict() if scaler else None, rng=rng_state(), step=step,
-                history=history.rows, config=config)
+                history=history.rows, config=config, hparams=hparams)
 
 def _unwrap_compiled(sd: dict) -> dict:
     "State dicts of compiled networks carry `_orig_mod.`; store them without it so either kind loads."
@@ -346,6 +420,8 @@ class Trainer:
         self.callbacks = sorted([*default_callbacks(cfg, eval_fn), *callbacks], key=lambda c: c.order)
         self.step, self.resumed, self.batch, self.losses = 0, False, None, {}
         self.pending: list[tuple[int, dict]] = []   # (step, losses) not yet read back from the device
+        self.saved_step = None     # the step of the checkpoint on disk that this run wrote or resumed from
+        self._keep_previous = False   # whether checkpoint.pt on disk is good, to be kept as checkpoint.prev.pt by the next save
         self.t0 = time.time()
 
     @property
@@ -370,6 +446,7 @@ class Trainer:
         seed_everything(cfg.seed + self.rank)
         if self.out_dir is not None and self.is_main: self.out_dir.mkdir(parents=True, exist_ok=True)
         self.ckpt_path = self.out_dir / 'checkpoint.pt' if self.out_dir is not None else None
+        self.prev_path = self.out_dir / 'checkpoint.prev.pt' if self.out_dir is not None else None
 
         self.model.to(self.device)
         # before configure_optimizers, so the optimizers hold the parameters in their final layout
@@ -378,6 +455,7 @@ class Trainer:
         if not isinstance(self.optimizers, Mapping) or not self.optimizers:
             raise TypeError(f"{type(self.model).__name__}.configure_optimizers() must return a non-empty dict "
                             f"{{name: optimizer}}, got {self.optimizers!r}")
+        self.hparams = optimizer_hparams(self.optimizers)   # as configured now, before any schedule changes them
         if isinstance(self.data, torch.utils.data.DataLoader): self.stream = LoaderStream(self.data, self.device)  # its own batch size
         else: self.stream = BatchStream(self.data, cfg.batch_size // self.world, self.device, seed=cfg.seed, num_workers=cfg.num_workers)
         self.schedulers = _configure_schedulers(self.model, self.optimizers, self.stream.steps_per_epoch)
@@ -387,16 +465,85 @@ class Trainer:
 
     # -- 2. restore -----------------------------------------------------------------------------------------------
     def restore(self):
-        "Weights, optimizer moments, schedules, loss scale, every random state, the step and the history, from checkpoint.pt."
+        """Weights, optimizer moments, schedules, loss scale, every random state, the step and the history, from checkpoint.pt,
+        verified; if it is damaged, from checkpoint.prev.pt (with a one-line warning). Then the optimizer settings
+        configured now (e.g. a new learning rate) replace the restored ones where they differ from those it was trained with."""
         if self.ckpt_path is None: raise ValueError("resume=True needs the out_dir that holds checkpoint.pt")
-        ck = load_checkpoint(self.ckpt_path, map_location=self.device)
-        self.model.load_state_dict(ck['model'])
-        for k, o in self.optimizers.items(): o.load_state_dict(ck['optimizers'][k])
-        for k, s in self.schedulers.items(): s.load_state_dict(ck['schedulers'][k])
-        if self.scaler and ck['scaler']: self.scaler.load_state_dict(ck['scaler'])
-        set_rng_state(ck['rng']); self.step = ck['step']
-        self.history.rows = list(ck['history'])
+        try: ck, path = self.read_checkpoint(self.ckpt_path), self.ckpt_path
+        except (CheckpointError, FileNotFoundError) as e:
+            if not self.prev_path.is_file():
+                if isinstance(e, FileNotFoundError): raise
+                raise CheckpointError(f"{e}; there is no earlier checkpoint to fall back to: restore the file from a backup, "
+                                      f"or train the run again") from None
+            try: ck = self.read_checkpoint(self.prev_path)
+            except CheckpointError as e2:
+                raise CheckpointError(f"{e}; the previous checkpoint cannot be used either: {e2}") from None
+            path = self.prev_path
+            if self.is_main: notice(f"warning: {e}; resuming from the previous checkpoint {path.name} (step {ck['step']})")
+        else: self._keep_previous = True
+        self.callback('before_restore', ck)
+        self.load_state(ck, path)
         self.resumed = True
+
+    def read_checkpoint(self, path: Path) -> dict:
+        "A checkpoint verified against its CRCs, loaded safely, with every part the restore stage needs (else a `CheckpointError`)."
+        ck = load_checkpoint(path, map_location=self.device)
+        check_checkpoint(ck, path)
+        return ck
+
+    def load_state(self, ck: dict, path: Path):
+        "Load a read checkpoint into the model, optimizers, schedules, scaler and random states; a `CheckpointMismatchError` if it does not fit."
+        def mismatch(what):
+            raise CheckpointMismatchError(f"{path} does not fit this model: {what}. It was written for other settings or by another "
+                                          f"model: resume with the settings it was trained with, or train a new run")
+        if diff := state_dict_mismatch(self.model.state_dict(), ck['model']): mismatch(diff)
+        self.model.load_state_dict(ck['model'])
+        for part, objs in (('optimizer', self.optimizers), ('scheduler', self.schedulers)):
+            saved = ck[part + 's']
+            for k, o in objs.items():
+                if k not in saved: mismatch(f"it has no state for the {part} {k!r} (it has {', '.join(map(repr, saved)) or 'none'})")
+                try: o.load_state_dict(saved[k])
+                except Exception as e: mismatch(f"the state of {part} {k!r} does not load ({_first_line(e)})")
+        names = {p: n for n, p in self.model.named_parameters()}
+        for k, o in self.optimizers.items():
+            for p, st in o.state.items():
+                for sk, v in st.items():
+                    if isinstance(v, Tensor) and v.dim() > 0 and v.shape != p.shape:
+                        mismatch(f"optimizer {k!r} holds {sk!r} of shape {tuple(v.shape)} for parameter {names.get(p, '?')!r} "
+                                 f"of shape {tuple(p.shape)}")
+        if self.scaler and ck['scaler']: self.scaler.load_state_dict(ck['scaler'])
+        try: set_rng_state(ck['rng'])
+        except Exception as e: raise CheckpointError(f"{path}: its random states cannot be restored ({_first_line(e)})") from None
+        self.step = self.saved_step = ck['step']
+        self.history.rows = list(ck['history'])
+        self.apply_hparams(ck.get('hparams'))
+
+    def apply_hparams(self, saved: dict | None):
+        """Where the optimizer settings configured now (`self.hparams`: lr, betas, ...) differ from those the checkpoint's run was
+        configured with (`saved`), set them on the restored param groups; a learning rate under a schedule is rescaled (the
+        schedule's base rates too), so the schedule goes on from the new rate. Unchanged settings are left exactly as restored."""
+        changes = {}
+        for k, o in self.optimizers.items():
+            scheds = [s for s in self.schedulers.values() if getattr(s, 'optimizer', None) is o]
+            before = saved.get(k) if isinstance(saved, dict) else None
+            for i, (g, now) in enumerate(zip(o.param_groups, self.hparams[k])):
+                b = before[i] if isinstance(before, (list, tuple)) and i < len(before) and isinstance(before[i], dict) else None
+                for h, v in now.items():
+                    # a checkpoint of an older dlatent has no record: compare with the restored group itself
+                    was = b.get(h) if b is not None else (g.get('initial_lr', g.get(h)) if h == 'lr' else g.get(h))
+                    if isinstance(was, list): was = tuple(was)
+                    if was == v or h not in g: continue
+                    if h == 'lr' and scheds:
+                        g['lr'] = g['lr'] * (v / was) if _is_hparam(was) and was else v
+                        if 'initial_lr' in g: g['initial_lr'] = v
+                        for s in scheds:
+                            if isinstance(getattr(s, 'base_lrs', None), list): s.base_lrs[i] = v
+                            if isinstance(getattr(s, '_last_lr', None), list): s._last_lr[i] = g['lr']
+                    else: g[h] = v
+                    changes.setdefault((h, was, v), []).append(k)
+        if changes and self.is_main:
+            notice('resuming with new optimizer settings: ' + '; '.join(
+                f"{h} {was} -> {v} ({', '.join(dict.fromkeys(ks))})" for (h, was, v), ks in changes.items()))
 
     # -- 3. prepare -----------------------------------------------------------------------------------------------
     def prepare(self):
@@ -431,27 +578,56 @@ class Trainer:
         while self.step < self.total:
             self.batch = next(batches)
             self.callback('before_step')
-            self.train_one_step()
+            try: self.train_one_step()
+            except NonFiniteLossError: raise
+            except Exception as e:
+                self.check_finite(cause=e)   # a model that failed on NaN values: report the divergence, not the symptom
+                raise
             if self.step % self.cfg.log_every == 0 or self.step == self.total: self.flush()
             self.callback('after_step')
         self.flush()
 
     # -- 5. logging -----------------------------------------------------------------------------------------------
     def flush(self):
-        "Read the pending losses in one transfer, stop on the first non-finite one, log their mean as a history row."
+        """Read the pending losses in one transfer and check them and the training state (`check_finite`), then log their
+        mean as a history row."""
         if not self.pending: return
         pending, self.pending = self.pending, []   # taken first: a callback that logs may call flush again
-        names = list(pending[0][1])
-        vals = torch.stack([torch.stack([l[k].float() for k in names]) for _, l in pending]).cpu()
-        bad = ~torch.isfinite(vals)
-        if bad.any():
-            i, j = [int(t[0]) for t in torch.nonzero(bad, as_tuple=True)]
-            raise NonFiniteLossError(f"loss {names[j]!r} became {vals[i, j].item()} at step {pending[i][0]}; "
-                                     f"the last good checkpoint is kept" + (f" at {self.ckpt_path}" if self.ckpt_path else ''))
+        names, vals = self._read_pending(pending)
+        self._check(pending, names, vals)
         mean, last = vals.mean(0), pending[-1][0]
         row = dict(step=last, epoch=round(last / self.stream.steps_per_epoch, 3), time=round(time.time() - self.t0, 3))
         row.update({k: float(v) for k, v in zip(names, mean)})
         self.log(row)
+
+    @staticmethod
+    def _read_pending(pending) -> tuple[list, Tensor]:
+        names = list(pending[0][1])
+        return names, torch.stack([torch.stack([l[k].float() for k in names]) for _, l in pending]).cpu()
+
+    def check_finite(self, cause: BaseException | None = None):
+        """Stop training with a `NonFiniteLossError` if a pending loss, a parameter, a buffer or an optimizer's state holds NaN
+        or inf: the first bad loss with its step, else the first bad tensor with its name. `flush` calls it before every log
+        row and so before every checkpoint, which therefore holds only finite numbers."""
+        if self.pending: self._check(self.pending, *self._read_pending(self.pending), cause=cause)
+        else: self._check([], [], None, cause=cause)
+
+    def _check(self, pending, names, vals, cause=None):
+        if vals is not None:
+            bad = ~torch.isfinite(vals)
+            if bad.any():
+                i, j = [int(t[0]) for t in torch.nonzero(bad, as_tuple=True)]
+                self._diverged(f"loss {names[j]!r} became {vals[i, j].item()} at step {pending[i][0]}", cause)
+        if (found := find_nonfinite(self.model, self.optimizers)) is not None:
+            name, value = found
+            self._diverged(f"{name} became {value} by step {self.step}", cause)
+
+    def _diverged(self, what: str, cause=None):
+        if self.ckpt_path is None: kept = ''
+        elif self.saved_step is None: kept = '; no checkpoint was written before it'
+        else: kept = f"; the last good checkpoint, at step {self.saved_step}, is kept in {self.ckpt_path} (resume it with a lower learning rate)"
+        then = f" (the model then raised {_first_line(cause)})" if cause is not None else ''
+        raise NonFiniteLossError(f"{what}{then}{kept}") from cause
 
     def log(self, row: dict):
         "Append `row` to the history and hand it to the callbacks (`after_log`)."
@@ -464,11 +640,16 @@ class Trainer:
 
     # -- 6. saving ------------------------------------------------------------------------------------------------
     def save(self):
-        "Write checkpoint.pt atomically (rank 0, with an out_dir): everything `restore` reads."
+        """Write checkpoint.pt atomically (rank 0, with an out_dir): everything `restore` reads. The checkpoint it replaces is
+        kept as checkpoint.prev.pt when it is a good one (written by this run, or the one it resumed from)."""
         if self.ckpt_path is None or not self.is_main: return
-        st = _checkpoint_state(self.model, self.optimizers, self.schedulers, self.scaler, self.step, self.history, self.config)
+        st = _checkpoint_state(self.model, self.optimizers, self.schedulers, self.scaler, self.step, self.history, self.config,
+                               self.hparams)
         st['model'] = _unwrap_compiled(st['model'])
-        atomic_save(st, self.ckpt_path)
+        # a new run must not fall back to an earlier run's file; a run resumed from the previous checkpoint keeps that one
+        if not self._keep_previous and not self.resumed: self.prev_path.unlink(missing_ok=True)
+        atomic_save(st, self.ckpt_path, previous=self.prev_path if self._keep_previous else None)
+        self._keep_previous, self.saved_step = True, self.step
 
     # -- all of it ------------------------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> FitResult:
@@ -478,7 +659,7 @@ class Trainer:
         self.prepare()
         try:
             self.callback('before_fit')
-            self.loop()
+            with validation(False): self.loop()   # the losses' own input checks: the loop checks the state itself
             self.callback('after_fit')
         finally: self.callback('cleanup_fit')
         if self.distributed: dist.barrier()
@@ -516,6 +697,8 @@ class HistoryCSV(Callback):
     def __init__(self): self.path = None
     def before_fit(self, t):
         self.path = t.out_dir / 'history.csv' if t.out_dir is not None and t.is_main else None
+        if self.path is not None and self.path.exists() and not self.path.is_file():
+            raise ValueError(f"{self.path} is a directory, not the run's history file; remove it and train again")
         if self.path is not None and t.resumed: t.history.to_csv(self.path)   # drop rows logged after the checkpoint
     def after_log(self, t, row):
         if self.path is not None: t.history.append_csv(self.path, row)
@@ -535,7 +718,9 @@ class Evaluator(Callback):
     order = 20
     def __init__(self, eval_fn: Callable, every: int = 0): self.eval_fn, self.every = eval_fn, every
     def after_step(self, t):
-        if self.every and t.step % self.every == 0 and t.step < t.total: self.evaluate(t)
+        if self.every and t.step % self.every == 0 and t.step < t.total:
+            t.check_finite()   # a diverged model is reported as such, not by the evaluation it breaks
+            self.evaluate(t)
     def after_fit(self, t): self.evaluate(t)
     def evaluate(self, t):
         "Run `eval_fn` in eval mode without gradients; log what it returns with an `eval/` prefix."

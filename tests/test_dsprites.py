@@ -42,7 +42,7 @@ def test_cache_round_trip(tmp_path, monkeypatch):
     mm = load_packed(p, len(idx))
     assert isinstance(mm, np.memmap)
     np.testing.assert_array_equal(unpack(mm[[3, 299, 0]]), render_reference(idx[[3, 299, 0]]))
-    assert sorted(x.name for x in tmp_path.iterdir()) == ['sub.npy']
+    assert sorted(x.name for x in tmp_path.iterdir()) == ['sub.npy', 'sub.npy.sha256.json']   # the images and their digests, no temporary file
     with pytest.raises(ValueError, match='not a packed dSprites file'): load_packed(p, 301)
     monkeypatch.setenv('DLATENT_CACHE', str(tmp_path / 'c'))
     assert dsprites_cache_dir() == tmp_path / 'c' / 'dsprites' and cache_path().parent == tmp_path / 'c' / 'dsprites'

@@ -9,14 +9,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
-from ..runtime import atomic_path
+from ..runtime import atomic_path, write_json, read_json, notice, remove_stale_temps, _first_line
 
 # %% auto #0
 __all__ = ['LATENT_NAMES', 'LATENT_SIZES', 'FACTOR_NAMES', 'FACTOR_SIZES', 'SHAPES', 'N_IMAGES', 'IMAGE_SIZE', 'SCALES',
            'ORIENTATIONS', 'POSITIONS', 'CENTER_RANGE', 'SQUARE_HALF', 'ELLIPSE_AXES', 'HEART_WIDTH', 'HEART_VERTICES',
-           'SQUARE_POLYGON', 'HEART_POLYGON', 'GEOMETRY_ID', 'COLOR_SCHEMES', 'factors_to_index', 'index_to_factors',
-           'latents_classes', 'latents_values', 'sprite_centers', 'render_reference', 'render_packed', 'render_block',
-           'render_all', 'unpack', 'dsprites_cache_dir', 'cache_path', 'save_packed', 'load_packed', 'dsprites_cache',
+           'SQUARE_POLYGON', 'HEART_POLYGON', 'GEOMETRY_ID', 'CHUNK', 'COLOR_SCHEMES', 'factors_to_index',
+           'index_to_factors', 'latents_classes', 'latents_values', 'sprite_centers', 'render_reference',
+           'render_packed', 'render_block', 'render_all', 'unpack', 'dsprites_cache_dir', 'cache_path', 'digest_path',
+           'packed_digests', 'PackedFileError', 'save_packed', 'load_packed', 'packed_cache', 'dsprites_cache',
            'sprite_colors', 'subset_indices', 'DSprites', 'dsprites_tensor_dataset']
 
 # %% ../../nbs/11_dsprites.ipynb #89e9aa43
@@ -203,6 +204,8 @@ def unpack(packed) -> np.ndarray:
 # %% ../../nbs/11_dsprites.ipynb #c24f5956
 _GEOMETRY = repr((LATENT_SIZES, CENTER_RANGE, SQUARE_HALF, ELLIPSE_AXES, HEART_WIDTH, HEART_VERTICES, 'rows-v1'))
 GEOMETRY_ID = hashlib.sha1(_GEOMETRY.encode()).hexdigest()[:10]
+CHUNK = N_IMAGES // 18             # images per digest: one (shape, scale) block, 20 MiB packed
+_DIGEST_FORMAT = 'dlatent-packed-digests/1'
 
 def dsprites_cache_dir(cache_dir: str | Path | None = None) -> Path:
     "The dSprites cache folder: `cache_dir`, else `$DLATENT_CACHE/dsprites`, else `~/.cache/dlatent/dsprites`."
@@ -214,35 +217,93 @@ def cache_path(cache_dir: str | Path | None = None) -> Path:
     "Path of the packed full set in the cache folder."
     return dsprites_cache_dir(cache_dir) / f'dsprites_packed_{GEOMETRY_ID}.npy'
 
-def save_packed(path: str | Path, packed: np.ndarray) -> Path:
-    "Write packed images (n, 64, 8) uint8 to `path` (.npy) atomically: temporary file, then rename."
+def digest_path(path: str | Path) -> Path:
+    "The file beside a packed file that holds its shape and the SHA-256 of each chunk of its images."
+    path = Path(path)
+    return path.with_name(path.name + '.sha256.json')
+
+def packed_digests(packed: np.ndarray, chunk: int = CHUNK) -> list[str]:
+    "The SHA-256 of each run of `chunk` images of `packed` (n, 64, 8): what `load_packed` checks a file against."
+    return [hashlib.sha256(np.ascontiguousarray(packed[i:i + chunk])).hexdigest() for i in range(0, len(packed), chunk)]
+
+class PackedFileError(ValueError):
+    "A packed file that cannot be used (unreadable, the wrong layout, or not matching its digests); `reason` says why."
+    def __init__(self, path: Path, reason: str):
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"{path} {reason}; delete it (and {digest_path(path).name}) and it will be rendered again")
+
+def save_packed(path: str | Path, packed: np.ndarray, chunk: int = CHUNK) -> Path:
+    "Write packed images (n, 64, 8) uint8 to `path` (.npy) and their digests beside it, each atomically (temporary file, then rename)."
     packed = np.asarray(packed)
     if packed.dtype != np.uint8 or packed.ndim != 3 or packed.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE // 8):
         raise ValueError(f"packed must be uint8 of shape (n, 64, 8) (np.packbits of 64x64 images along rows), got {packed.dtype} {packed.shape}")
     path = Path(path)
     with atomic_path(path) as tmp:
         with open(tmp, 'wb') as f: np.save(f, packed)   # a file object, so np.save adds no .npy suffix
+        _write_digests(path, packed, chunk)
     return path
 
-def load_packed(path: str | Path, n: int | None = None) -> np.ndarray:
-    "Memory-map packed images (n, 64, 8) uint8 from `path`, checking the layout (and the count `n` if given)."
-    mm = np.load(path, mmap_mode='r')
+def _write_digests(path: Path, packed: np.ndarray, chunk: int):
+    write_json(dict(format=_DIGEST_FORMAT, shape=list(packed.shape), chunk=chunk, sha256=packed_digests(packed, chunk)), digest_path(path))
+
+_VERIFIED: set = set()   # (file, inode, size, mtime) of the packed files verified in this process
+
+def _identity(path: Path) -> tuple:
+    a, b = path.stat(), digest_path(path).stat()
+    return (str(path.resolve()), a.st_ino, a.st_size, a.st_mtime_ns, b.st_mtime_ns)
+
+def _verify_packed(path: Path, mm: np.ndarray):
+    dpath = digest_path(path)
+    if not dpath.exists(): raise PackedFileError(path, f"has no digest file {dpath.name} to be verified against (an older dlatent wrote it, or its writing was interrupted)")
+    if _identity(path) in _VERIFIED: return
+    try: info = read_json(dpath)
+    except ValueError: raise PackedFileError(path, f"cannot be verified: its digest file {dpath.name} is damaged") from None
+    chunk, digests = info.get('chunk'), info.get('sha256')
+    if (info.get('format') != _DIGEST_FORMAT or info.get('shape') != list(mm.shape) or isinstance(chunk, bool)
+            or not isinstance(chunk, int) or chunk < 1 or not isinstance(digests, list) or len(digests) != -(-len(mm) // chunk)):
+        raise PackedFileError(path, f"does not match its digest file {dpath.name} (another shape, or a damaged digest file)")
+    for i, want in zip(range(0, len(mm), chunk), digests):
+        if hashlib.sha256(np.ascontiguousarray(mm[i:i + chunk])).hexdigest() != want:
+            raise PackedFileError(path, f"is damaged: images {i:,} to {min(i + chunk, len(mm)) - 1:,} do not match their digest")
+    _VERIFIED.add(_identity(path))
+
+def load_packed(path: str | Path, n: int | None = None, verify: bool = True) -> np.ndarray:
+    """Memory-map packed images (n, 64, 8) uint8 from `path`, checking the layout (and the count `n` if given) and, with
+    `verify`, every chunk against its digest (once per process and file version). A `PackedFileError` says what is wrong."""
+    path = Path(path)
+    if not path.exists(): raise FileNotFoundError(f"no packed file at {path}")
+    try: mm = np.load(path, mmap_mode='r')
+    except Exception as e: raise PackedFileError(path, f"is not a readable .npy file ({_first_line(e)})") from None
     if mm.dtype != np.uint8 or mm.ndim != 3 or mm.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE // 8) or (n is not None and len(mm) != n):
-        raise ValueError(f"{path} is not a packed dSprites file (expected uint8 ({n or 'n'}, 64, 8), found {mm.dtype} {mm.shape}); "
-                         f"delete it and it will be rendered again")
+        raise PackedFileError(path, f"is not a packed dSprites file (expected uint8 ({n or 'n'}, 64, 8), found {mm.dtype} {mm.shape})")
+    if verify: _verify_packed(path, mm)
     return mm
 
+def packed_cache(path: str | Path, n: int, render, chunk: int = CHUNK, rebuild: bool = False, verbose: bool = True,
+                 what: str = 'the images') -> np.ndarray:
+    """A verified packed file of `n` images at `path` as a read-only memory map: rendered by `render(out)` into a memory map
+    when it is missing or `rebuild`, and rendered again, with a one-line notice, when it is damaged. Temporary files of
+    interrupted writes are removed first."""
+    path = Path(path)
+    for p in (path, digest_path(path)): remove_stale_temps(p)
+    if not rebuild and (path.exists() or digest_path(path).exists()):
+        try: return load_packed(path, n)
+        except (PackedFileError, FileNotFoundError) as e:
+            notice(f"warning: {getattr(e, 'path', path)} {getattr(e, 'reason', 'is missing')}; rendering it again")
+    if verbose: print(f'rendering {what} once into {path} ...', flush=True)
+    t0 = time.perf_counter()
+    with atomic_path(path) as tmp:
+        mm = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.uint8, shape=(n, IMAGE_SIZE, IMAGE_SIZE // 8))
+        render(mm); mm.flush()
+        _write_digests(path, mm, chunk); del mm
+    _VERIFIED.add(_identity(path))
+    if verbose: print(f'done in {time.perf_counter() - t0:.1f} s ({path.stat().st_size / 2**20:.0f} MiB)')
+    return load_packed(path, n)
+
 def dsprites_cache(cache_dir: str | Path | None = None, rebuild: bool = False, verbose: bool = True) -> np.ndarray:
-    "The full packed set as a read-only memory map, rendered into the cache folder on first use."
-    path = cache_path(cache_dir)
-    if rebuild or not path.exists():
-        if verbose: print(f'rendering the 737,280 dSprites images once into {path} ...', flush=True)
-        t0 = time.perf_counter()
-        with atomic_path(path) as tmp:
-            mm = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.uint8, shape=(N_IMAGES, IMAGE_SIZE, IMAGE_SIZE // 8))
-            render_all(out=mm); mm.flush(); del mm
-        if verbose: print(f'done in {time.perf_counter() - t0:.1f} s ({path.stat().st_size / 2**20:.0f} MiB)')
-    return load_packed(path, N_IMAGES)
+    "The full packed set as a read-only memory map: rendered into the cache folder on first use, verified on every open, rendered again if damaged."
+    return packed_cache(cache_path(cache_dir), N_IMAGES, lambda out: render_all(out=out), rebuild=rebuild, verbose=verbose,
+                        what='the 737,280 dSprites images')
 
 # %% ../../nbs/11_dsprites.ipynb #dda1fa05
 COLOR_SCHEMES = ('ibgan', 'uniform')

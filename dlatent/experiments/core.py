@@ -4,15 +4,15 @@
 
 # %% ../../nbs/60_experiments.ipynb #680f7b63
 from __future__ import annotations
-import dataclasses, importlib, importlib.metadata, json, pkgutil, re, shutil, time, typing
+import dataclasses, importlib, importlib.metadata, json, math, os, pkgutil, re, shutil, time, typing
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from ..runtime import load_checkpoint, write_json
-from ..train import TrainConfig, History, fit
+from ..runtime import load_checkpoint, write_json, read_json, notice, CheckpointError
+from ..train import TrainConfig, History, fit, Callback, CheckpointMismatchError, check_checkpoint, state_dict_mismatch
 
 # %% auto #0
 __all__ = ['SECTIONS', 'EXPERIMENTS', 'UsageError', 'NoSettings', 'Experiment', 'Run', 'register', 'load_experiments',
@@ -120,6 +120,12 @@ class RunConfig:
 
 _BOOLS = {'true': True, '1': True, 'yes': True, 'on': True, 'false': False, '0': False, 'no': False, 'off': False}
 
+def _check_range(where: str, v, typ):
+    "Numbers a setting can hold: finite floats, integers that fit in 64 bits (what torch and NumPy take)."
+    if typ is float and not math.isfinite(v): raise UsageError(f"{where}={v!r}: expected a finite number")
+    if typ is int and not -2**63 <= v < 2**63: raise UsageError(f"{where}={v}: expected an integer that fits in 64 bits")
+    return v
+
 def _convert(where: str, raw, typ):
     "A value for a field of type `typ`: strings (from the command line) are parsed, other values are checked."
     origin = typing.get_origin(typ)
@@ -127,19 +133,22 @@ def _convert(where: str, raw, typ):
         if raw is None or (isinstance(raw, str) and raw.lower() in ('none', 'null')): return None
         typ = [a for a in typing.get_args(typ) if a is not type(None)][0]
     if not isinstance(raw, str):
-        if typ is float and isinstance(raw, int) and not isinstance(raw, bool): return float(raw)
+        if typ is float and isinstance(raw, int) and not isinstance(raw, bool) and abs(raw) < 2**63: raw = float(raw)
         if isinstance(typ, type) and not isinstance(raw, typ) or (typ is int and isinstance(raw, bool)):
             raise UsageError(f"{where}={raw!r}: expected a value of type {getattr(typ, '__name__', typ)}")
-        return raw
+        return _check_range(where, raw, typ)
+    if typ in (int, float) and not raw.isascii():
+        raise UsageError(f"{where}={raw!r}: expected a number written with the digits 0-9")
     try:
         if typ is bool:
             if raw.lower() not in _BOOLS: raise ValueError
             return _BOOLS[raw.lower()]
-        if typ is int: return int(raw)
-        if typ is float: return float(raw)
+        if typ is int: v = int(raw)
+        if typ is float: v = float(raw)
         if typ is str: return raw
     except ValueError:
         raise UsageError(f"{where}={raw!r}: expected a value of type {typ.__name__}") from None
+    if typ in (int, float): return _check_range(where, v, typ)
     raise UsageError(f"{where} has type {typ} which cannot be set from the command line")
 
 def _split_key(key: str) -> tuple[str, str]:
@@ -156,7 +165,9 @@ def parse_overrides(items) -> dict[str, Any]:
         for item in items or ():
             if '=' not in item: raise UsageError(f"--set expects section.key=value, got {item!r}")
             key, raw = item.split('=', 1)
-            out[key.strip()] = raw.strip()
+            key = key.strip()
+            if key in out: raise UsageError(f"{key} is set twice ({key}={out[key]} and {key}={raw.strip()}); give each setting once")
+            out[key] = raw.strip()
     for key in out: _split_key(key)
     return out
 
@@ -205,18 +216,90 @@ def make_config(exp: Experiment | str, overrides=(), preset: str | None = None, 
     return RunConfig(exp.name, model_name=model_name, preset=preset or (base or {}).get('preset', ''), **built)
 
 # %% ../../nbs/60_experiments.ipynb #020b131f
+_FIX_CONFIG = 'restore it from a backup, or train the run again'
+
 def read_config(run_dir: str | Path) -> RunConfig:
-    "The resolved config saved in a run directory."
+    "The resolved config saved in a run directory; anything wrong with its config.json is a one-line `UsageError` naming it."
     run_dir = Path(run_dir)
-    if not run_dir.is_dir(): raise UsageError(f"run directory {str(run_dir)!r} does not exist")
+    if not run_dir.exists(): raise UsageError(f"run directory {str(run_dir)!r} does not exist")
+    if not run_dir.is_dir(): raise UsageError(f"{str(run_dir)!r} is a file, not a run directory")
     p = run_dir / 'config.json'
-    if not p.is_file(): raise UsageError(f"{str(run_dir)!r} is not a run directory: it has no config.json")
-    saved = json.loads(p.read_text())
-    if not all(s in saved for s in SECTIONS):
+    if not p.exists(): raise UsageError(f"{str(run_dir)!r} is not a run directory: it has no config.json")
+    try: saved = read_json(p, dict, _FIX_CONFIG)
+    except ValueError as e: raise UsageError(str(e)) from None
+    def bad(what): raise UsageError(f"{p}: {what}; {_FIX_CONFIG}")
+    if not any(s in saved for s in SECTIONS):
         raise UsageError(f"{str(p)!r} is not a sectioned config (train, model, data, eval): it was written by an older dlatent; "
                          f"train the run again")
-    return make_config(saved['experiment'], base=saved)
+    if missing := [s for s in SECTIONS if s not in saved]: bad(f"it lacks the section{'s' * (len(missing) > 1)} {', '.join(missing)}")
+    if not isinstance(saved.get('experiment'), str) or not saved['experiment']: bad("it names no experiment (an 'experiment' string)")
+    for s in SECTIONS:
+        if not isinstance(saved[s], dict): bad(f"its {s!r} section is {json.dumps(saved[s])[:40]}, not an object of settings")
+    if not isinstance(saved['model'].get('name', ''), str) or not isinstance(saved.get('preset', ''), str):
+        bad("its model name and preset must be strings")
+    try: return make_config(saved['experiment'], base=saved)
+    except UsageError as e: raise UsageError(f"{p}: {e}") from None
 
+_RUN_FILES = ('config.json', 'checkpoint.pt', 'checkpoint.prev.pt', 'history.csv', 'metrics.json')
+
+def _check_out(out) -> Path:
+    "The run directory that `out` names, or a `UsageError` saying why it cannot be one, before anything is built or written."
+    s = str(out)
+    if not s.strip(): raise UsageError("--out is empty: name the run directory, e.g. --out runs/my-run")
+    p = Path(s).expanduser()
+    for part in p.parts:
+        if len(os.fsencode(part)) > 255:
+            raise UsageError(f"--out names {part[:20]!r}..., {len(os.fsencode(part))} bytes long: file systems allow at most 255 "
+                             f"bytes per name; choose a shorter one")
+    if p.exists() and not p.is_dir(): raise UsageError(f"--out {s!r} is a file, not a directory; choose a directory for the run")
+    here = next((a for a in (p, *p.parents) if a.exists()), None)   # the nearest part of the path that exists
+    if here is not None and not here.is_dir():
+        raise UsageError(f"--out {s!r} is under {str(here)!r}, which is a file, not a directory; choose another place for the run")
+    if here is not None and not os.access(here, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {s!r}: {str(here)!r} is not writable by you; choose a directory you can write to")
+    return p
+
+def _check_run_files(run_dir: Path):
+    for name in _RUN_FILES:
+        if (run_dir / name).exists() and not (run_dir / name).is_file():
+            raise UsageError(f"{run_dir / name} is a directory where the run keeps its {name}; remove it")
+
+def _write_config(cfg: RunConfig, run_dir: Path):
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(cfg.to_dict(), run_dir / 'config.json')
+    except OSError as e:
+        raise UsageError(f"cannot write the run directory {str(run_dir)!r} ({e.strerror or e}); choose another --out") from None
+
+_FIXED = ('train.seed', 'train.batch_size')   # with data.* and model.name: what the data and its order are made from
+
+def _changes(a: dict, b: dict, keys) -> list[str]:
+    return [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+
+def _refuse_fixed_changes(saved: RunConfig, cfg: RunConfig, run_dir: Path):
+    "A resumed run trains on the data and networks its checkpoint was trained on: refuse settings that would change them."
+    a, b = saved.flat(), cfg.flat()
+    changed = _changes({'model.name': saved.model_name}, {'model.name': cfg.model_name}, ['model.name'])
+    changed += _changes(a, b, [k for k in b if k.startswith('data.') or k in _FIXED])
+    if changed:
+        raise UsageError(f"cannot resume {str(run_dir)!r} with {', '.join(changed)}: the checkpoint was trained on the data, "
+                         f"its order and the model these settings make; keep them (drop those --set values), or train a "
+                         f"new run with another --out")
+
+def _read_trained(run_dir: Path, device) -> tuple[dict, Path]:
+    "The checkpoint of a trained run, verified and checked; if it is damaged, the previous one, with a one-line warning."
+    path, prev = run_dir / 'checkpoint.pt', run_dir / 'checkpoint.prev.pt'
+    try: ck = load_checkpoint(path, map_location=device); check_checkpoint(ck, path); return ck, path
+    except (CheckpointError, FileNotFoundError) as e:
+        if not prev.is_file():
+            if isinstance(e, FileNotFoundError): raise UsageError(f"{str(run_dir)!r} has no checkpoint.pt: train it first") from None
+            raise UsageError(f"{e}; there is no earlier checkpoint to fall back to: restore the file from a backup, or train the run again") from None
+        try: ck = load_checkpoint(prev, map_location=device); check_checkpoint(ck, prev)
+        except CheckpointError as e2: raise UsageError(f"{e}; the previous checkpoint cannot be used either: {e2}") from None
+        notice(f"warning: {e}; using the previous checkpoint {prev.name} (step {ck['step']}) instead")
+        return ck, prev
+
+# %% ../../nbs/60_experiments.ipynb #879e35d2
 def _fresh_run_dir(root: Path, name: str) -> Path:
     "runs/NAME, or runs/NAME-2, -3, ... so that an earlier run is never overwritten."
     d, i = root / name, 1
@@ -235,6 +318,13 @@ def build_run(cfg: RunConfig, run_dir: Path | None = None) -> Run:
     torch.manual_seed(cfg.train.seed)
     return Run(exp, cfg, data, exp.build_model(cfg, data), Path(run_dir) if run_dir is not None else None)
 
+class _SaveConfig(Callback):
+    "config.json written once a resumed run's checkpoint has loaded: a refused resume leaves the run's config as it was."
+    order = 0
+    def __init__(self, cfg: RunConfig, path: Path): self.cfg, self.path = cfg, path
+    def before_fit(self, t):
+        if t.is_main: write_json(self.cfg.to_dict(), self.path)
+
 def train_run(run: Run, resume: bool = False) -> dict:
     "Train `run.model` on `run.data.train` as the config says, evaluate it, draw its figures; returns the metrics."
     exp, cfg, t0 = run.experiment, run.config, time.time()
@@ -243,6 +333,7 @@ def train_run(run: Run, resume: bool = False) -> dict:
         final.clear(); final.update(exp.evaluate(run) or {})
         return final
     callbacks = exp.callbacks(run) if exp.callbacks else []
+    if resume and run.dir is not None: callbacks.append(_SaveConfig(cfg, run.dir / 'config.json'))
     res = fit(run.model, run.data.train, cfg.train, out_dir=run.dir, resume=resume, config=cfg.to_dict(),
               eval_fn=eval_fn if exp.evaluate else None, callbacks=callbacks)
     run.model, run.history = res.model, res.history
@@ -251,43 +342,65 @@ def train_run(run: Run, resume: bool = False) -> dict:
 
 def run_experiment(name: str, overrides=(), out: str | Path | None = None, device: str | None = None, resume: bool = False,
                    runs_root: str | Path = 'runs', preset: str | None = None) -> tuple[Path, dict]:
-    "Run experiment `name` (with 'section.key=value' overrides, after `preset`) into a run directory; returns (run_dir, metrics)."
+    """Run experiment `name` (with 'section.key=value' overrides, after `preset`) into a run directory; returns (run_dir, metrics).
+    With `resume`, settings that may change (learning rates, steps, cadences, evaluation) apply from the checkpoint on;
+    those that fix the data and the networks (data.*, model.name, train.seed, train.batch_size, the model's sizes) are refused."""
     exp = get_experiment(name)
     ov = parse_overrides(overrides)
-    if device is not None: ov['train.device'] = device
+    if device is not None:
+        if ov.get('train.device', device) != device:
+            raise UsageError(f"--device {device} and --set train.device={ov['train.device']} disagree; give one of them")
+        ov['train.device'] = device
     root = Path(runs_root)
+    out = _check_out(out) if out is not None else None
     if resume:
-        run_dir = Path(out) if out is not None else _latest_run_dir(root, name)
+        run_dir = out if out is not None else _latest_run_dir(root, name)
         saved = read_config(run_dir)
         if saved.experiment != name: raise UsageError(f"{str(run_dir)!r} holds a run of {saved.experiment!r}, not {name!r}")
-        if not (run_dir / 'checkpoint.pt').exists(): raise UsageError(f"{str(run_dir)!r} has no checkpoint.pt to resume from")
+        if ov.get('model.name', saved.model_name) != saved.model_name:
+            raise UsageError(f"cannot resume {str(run_dir)!r} with model.name {saved.model_name!r} -> {ov['model.name']!r}: its checkpoint "
+                             f"holds a {saved.model_name!r} model; train a new run with another --out")
+        if not any((run_dir / f).exists() for f in ('checkpoint.pt', 'checkpoint.prev.pt')):
+            raise UsageError(f"{str(run_dir)!r} has no checkpoint.pt to resume from")
         if preset: raise UsageError("a resumed run keeps the preset it was made with; pass --set values instead of --preset")
         cfg = make_config(exp, ov, base=saved.to_dict())
+        _refuse_fixed_changes(saved, cfg, run_dir)
     else:
-        run_dir = Path(out) if out is not None else _fresh_run_dir(root, name)
+        run_dir = out if out is not None else _fresh_run_dir(root, name)
         if (run_dir / 'checkpoint.pt').exists():
             raise UsageError(f"{str(run_dir)!r} already holds a trained run; pass --resume to continue it, or another --out")
         cfg = make_config(exp, ov, preset=preset)
+    _check_run_files(run_dir)
     fresh = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(cfg.to_dict(), run_dir / 'config.json')
+    if not resume or exp.run: _write_config(cfg, run_dir)   # a resumed run writes it once its checkpoint has loaded
     try:
         metrics = exp.run(cfg, run_dir) if exp.run else train_run(build_run(cfg, run_dir), resume=resume)
+    except CheckpointMismatchError as e:
+        changed = _changes({f'model.{k}': v for k, v in saved.to_dict()['model'].items()},
+                           {f'model.{k}': v for k, v in cfg.to_dict()['model'].items()}, [f'model.{k}' for k in cfg.to_dict()['model']]) if resume else []
+        if not changed: raise
+        raise UsageError(f"cannot resume {str(run_dir)!r} with {', '.join(changed)}: the model these settings make does not fit its "
+                         f"checkpoint; keep them (drop those --set values), or train a new run with another --out") from None
     except BaseException:
         # a run that failed before writing anything else (missing data, no such device) leaves no directory behind
-        if fresh and [p.name for p in run_dir.iterdir()] == ['config.json']: shutil.rmtree(run_dir)
+        if fresh and run_dir.is_dir() and [p.name for p in run_dir.iterdir()] == ['config.json']: shutil.rmtree(run_dir)
         raise
     write_json(metrics, run_dir / 'metrics.json')
     return run_dir, metrics
 
 def load_run(run_dir: str | Path, device: str = 'cpu') -> Run:
-    "A trained run: its config, data and model (weights from checkpoint.pt, in eval mode, on `device`) and its history."
+    """A trained run: its config, data and model (weights from checkpoint.pt, verified; from checkpoint.prev.pt with a warning if
+    it is damaged), in eval mode on `device`, and its history."""
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
-    if not (run_dir / 'checkpoint.pt').exists(): raise UsageError(f"{str(run_dir)!r} has no checkpoint.pt: train it first")
+    if not any((run_dir / f).exists() for f in ('checkpoint.pt', 'checkpoint.prev.pt')):
+        raise UsageError(f"{str(run_dir)!r} has no checkpoint.pt: train it first")
     run = build_run(cfg, run_dir)
     if run.model is None: raise UsageError(f"experiment {cfg.experiment!r} is made of other runs; load those instead")
-    ck = load_checkpoint(run_dir / 'checkpoint.pt', map_location=device)
+    ck, path = _read_trained(run_dir, device)
+    if diff := state_dict_mismatch(run.model.state_dict(), ck['model']):
+        raise UsageError(f"{path} does not fit the model that config.json describes ({diff}): the file belongs to another run, "
+                         f"or config.json was edited; restore the run's own files")
     run.model.load_state_dict(ck['model'])
     run.model.to(device).eval()
     run.history = History(rows=ck['history'])
@@ -298,6 +411,8 @@ def evaluate_run(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
     exp = get_experiment(cfg.experiment)
+    mpath = run_dir / 'metrics.json'
+    old = read_json(mpath, dict, 'delete it: eval writes a new one') if mpath.exists() else {}
     if exp.run is not None:
         if exp.evaluate is None: raise UsageError(f"experiment {exp.name!r} defines no evaluation")
         metrics = exp.evaluate(Run(exp, cfg, None, None, run_dir)) or {}
@@ -306,6 +421,5 @@ def evaluate_run(run_dir: str | Path) -> dict:
         run = load_run(run_dir)
         metrics = exp.evaluate(run) or {}
         if exp.figures: exp.figures(run)
-    old = json.loads((run_dir / 'metrics.json').read_text()) if (run_dir / 'metrics.json').exists() else {}
-    write_json({**old, **metrics}, run_dir / 'metrics.json')
+    write_json({**old, **metrics}, mpath)
     return metrics

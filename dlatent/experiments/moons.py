@@ -35,7 +35,9 @@ class MoonsData:
     def __post_init__(self):
         if isinstance(self.n_per_class, bool) or not isinstance(self.n_per_class, int) or self.n_per_class < 1:
             raise ValueError(f"MoonsData.n_per_class must be an int >= 1, got {self.n_per_class!r}")
-        if not self.noise >= 0: raise ValueError(f"MoonsData.noise must be >= 0 (the std of the noise), got {self.noise!r}")
+        if not 0 < self.noise < float('inf'):
+            raise ValueError(f"MoonsData.noise must be a finite number > 0 (the std of the noise: the measures compare the model with "
+                             f"the Bayes classifier of the noisy moons, which needs some noise), got {self.noise!r}")
 
 @dataclass
 class MoonsSplits:

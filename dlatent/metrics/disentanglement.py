@@ -149,7 +149,10 @@ def _check_codes_factors(codes, factors, codes_name='codes', factors_name='facto
     if v.ndim == 1: v = v[:, None]
     if v.ndim != 2: raise ValueError(f"{factors_name} must be a (n, K) matrix of factor values, got shape {v.shape}")
     if len(z) != len(v): raise ValueError(f"{codes_name} has {len(z)} rows but {factors_name} has {len(v)}: one code per sample")
+    if len(z) == 0 or z.shape[1] == 0: raise ValueError(f"{codes_name} is empty ({z.shape}): the measure needs samples with codes")
     if not np.isfinite(z).all(): raise ValueError(f"{codes_name} contains NaN or infinite values")
+    if v.dtype.kind not in 'biuf' or (v.dtype.kind == 'f' and not np.isfinite(v).all()):
+        raise ValueError(f"{factors_name} must hold finite numbers (the factor values), got {'NaN or inf' if v.dtype.kind == 'f' else v.dtype}")
     return z, v
 
 def _categories(v: np.ndarray) -> tuple[np.ndarray, list[int]]:
@@ -238,6 +241,15 @@ def _int_labels(x, name: str) -> np.ndarray:
         a = a.astype(np.int64)
     return a
 
+def _check_counts(counts) -> np.ndarray:
+    "A count matrix (n_codes, n_classes): finite, non-negative, not all zero."
+    N = np.asarray(counts, dtype=np.float64)
+    if N.ndim != 2: raise ValueError(f"counts must be a (n_codes, n_classes) matrix, got shape {N.shape} (see count_matrix)")
+    if not np.isfinite(N).all(): raise ValueError("counts contains NaN or infinite values; a count matrix holds numbers of samples (see count_matrix)")
+    if N.size == 0 or (N < 0).any() or N.sum() == 0:
+        raise ValueError("counts must be a non-empty matrix of non-negative counts, not all zero (see count_matrix)")
+    return N
+
 def count_matrix(codes, predicted_classes, n_codes: int, n_classes: int) -> np.ndarray:
     "N[i, j] = number of samples generated with code i that the classifier assigns to class j, (n_codes, n_classes)."
     c, y = _int_labels(codes, 'codes'), _int_labels(predicted_classes, 'predicted_classes')
@@ -248,8 +260,7 @@ def count_matrix(codes, predicted_classes, n_codes: int, n_classes: int) -> np.n
 
 def ent_score(counts) -> float:
     "ENT: mean entropy (nats) of the normalised non-empty rows, averaged with that of the non-empty columns, of a count matrix."
-    N = np.asarray(counts, dtype=np.float64)
-    if N.ndim != 2 or (N < 0).any() or N.sum() == 0: raise ValueError("counts must be a non-empty 2-D matrix of non-negative counts (see count_matrix)")
+    N = _check_counts(counts)
     rows, cols = N[N.sum(1) > 0], N.T[N.sum(0) > 0]
     return float((_entropy(rows / rows.sum(1, keepdims=True), 1).mean() + _entropy(cols / cols.sum(1, keepdims=True), 1).mean()) / 2)
 
@@ -258,13 +269,13 @@ def nmi_score(codes, classes) -> float:
     from sklearn.metrics import normalized_mutual_info_score
     c, y = _int_labels(codes, 'codes'), _int_labels(classes, 'classes')
     if len(c) != len(y): raise ValueError(f"codes has {len(c)} entries but classes has {len(y)}")
+    if len(c) == 0: raise ValueError("codes and classes are empty: NMI needs samples")
     return float(normalized_mutual_info_score(y, c, average_method='arithmetic'))
 
 def match_codes_to_classes(counts) -> np.ndarray:
     "code_to_class[i] = class matched to code i by the count-maximising one-to-one assignment (-1 if unmatched)."
     from scipy.optimize import linear_sum_assignment
-    N = np.asarray(counts, dtype=np.float64)
-    if N.ndim != 2: raise ValueError(f"counts must be a (n_codes, n_classes) matrix, got shape {N.shape}")
+    N = _check_counts(counts)
     rows, cols = linear_sum_assignment(N, maximize=True)
     out = np.full(N.shape[0], -1, dtype=np.int64); out[rows] = cols
     return out

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn, Tensor
 from torch.utils.data import Dataset, TensorDataset
 
-from ..runtime import atomic_save, load_checkpoint, pick_device
+from ..runtime import atomic_save, load_checkpoint, pick_device, notice, CheckpointError
 
 # %% auto #0
 __all__ = ['apply_batched', 'inception_score', 'ImageClassifier', 'train_classifier', 'class_probs', 'accuracy',
@@ -124,7 +124,7 @@ def _dataset_tensors(dataset, name: str = 'dataset') -> tuple[Tensor, Tensor]:
 def train_classifier(dataset, n_classes: int, epochs: int = 20, batch_size: int = 64, lr: float = 1e-3,
                      cache_path: str | Path | None = None, device='cpu', seed: int = 0, **net_kwargs) -> ImageClassifier:
     """An `ImageClassifier` trained on `dataset` (images (N, C, H, W), labels), in eval mode. With `cache_path`, the
-    weights are loaded from there if present, else trained and saved there."""
+    weights are loaded from there if present (and sound: a damaged file is trained again, with a notice), else trained and saved there."""
     x, y = _dataset_tensors(dataset)
     if y.min() < 0 or y.max() >= n_classes: raise ValueError(f"labels must lie in 0..{n_classes - 1} (n_classes={n_classes}), got {int(y.min())}..{int(y.max())}")
     arch = dict(in_ch=x.shape[1], n_classes=n_classes, img_size=x.shape[-1], **net_kwargs)
@@ -132,8 +132,14 @@ def train_classifier(dataset, n_classes: int, epochs: int = 20, batch_size: int 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = ImageClassifier(**arch)
+    ck = None
     if cache_path is not None and Path(cache_path).is_file():
-        ck = load_checkpoint(cache_path)
+        try:
+            ck = load_checkpoint(cache_path)
+            if not isinstance(ck, dict) or not isinstance(ck.get('state_dict'), dict): raise CheckpointError(f"{cache_path} is not a cached classifier")
+        except CheckpointError as e:
+            notice(f"warning: {e}; training the classifier again"); ck = None
+    if ck is not None:
         if ck.get('arch') != arch:
             raise ValueError(f"the classifier cached at {cache_path} was built for {ck.get('arch')}, not {arch}: "
                              "delete the file or choose another cache_path")
@@ -176,6 +182,16 @@ def _sqrt_psd(s: np.ndarray) -> np.ndarray:
     w, v = np.linalg.eigh((s + s.T) / 2)
     return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
 
+def _check_covariance(s: np.ndarray, name: str):
+    "A covariance matrix is symmetric and positive semi-definite (to rounding); anything else is refused, not repaired."
+    scale = max(float(np.abs(s).max()), np.finfo(np.float64).tiny)
+    if (asym := float(np.abs(s - s.T).max())) > 1e-6 * scale:
+        raise ValueError(f"{name} is not symmetric (max |{name} - {name}.T| = {asym:.3g}), so it is not a covariance matrix; "
+                         f"compute it with np.cov(features, rowvar=False)")
+    if (low := float(np.linalg.eigvalsh(s).min())) < -1e-6 * scale:
+        raise ValueError(f"{name} is not positive semi-definite (smallest eigenvalue {low:.3g}), so it is not a covariance matrix; "
+                         f"compute it with np.cov(features, rowvar=False)")
+
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     "Squared Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64."
     mu1, mu2 = _as_float64(mu1, 'mu1').reshape(-1), _as_float64(mu2, 'mu2').reshape(-1)
@@ -184,6 +200,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     if len(mu2) != d: raise ValueError(f"mu1 and mu2 have different dimensions ({d} vs {len(mu2)}): the features must come from the same network")
     for name, s in (('sigma1', sigma1), ('sigma2', sigma2)):
         if s.shape != (d, d): raise ValueError(f"{name} must be a ({d}, {d}) covariance matrix to match the means, got {s.shape}")
+        _check_covariance(s, name)
     s1h = _sqrt_psd(sigma1)
     m = s1h @ sigma2 @ s1h
     tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
@@ -272,12 +289,22 @@ def pairwise_ms_ssim(x: Tensor, y: Tensor, data_range: float = 1.0, batch_size: 
     return torch.cat([ms_ssim(x[i:i + batch_size].to(device), y[i:i + batch_size].to(device), data_range=data_range,
                               reduction='none', normalize='relu', **s).float().cpu() for i in range(0, len(x), batch_size)])
 
+def _class_labels(labels) -> Tensor:
+    "Integer class labels as a LongTensor; floats are accepted only when every value is a whole number (0.7 is not class 0)."
+    y = (torch.as_tensor(np.asarray(labels)) if isinstance(labels, (list, tuple)) else _as_tensor(labels, 'labels')).reshape(-1)
+    if y.dtype == torch.bool or y.is_complex(): raise ValueError(f"labels must be integer class labels, got {y.dtype}")
+    if y.is_floating_point():
+        bad = ~torch.isfinite(y) | (y != y.round())
+        if bool(bad.any()):
+            raise ValueError(f"labels must be integer class labels, got {y[bad][0].item():g} among them; pass the class indices (e.g. labels.long() after rounding)")
+    return y.long()
+
 def intra_class_diversity(images, labels, n_pairs: int = 1000, seed: int = 0, data_range: float = 1.0,
                           batch_size: int = 256, device='cpu', **settings) -> tuple[float, dict[int, float]]:
     """Paper 1, Eq. 12: (mean over classes, {class: value}) of 1 - mean MS-SSIM over pairs of distinct images of a
     class; at most `n_pairs` random pairs per class. Classes with fewer than two images are left out."""
     x = _image_stack(images)
-    y = _as_tensor(labels, 'labels').reshape(-1).long() if not isinstance(labels, (list, tuple)) else torch.as_tensor(labels).long()
+    y = _class_labels(labels)
     if len(y) != len(x): raise ValueError(f"labels has {len(y)} entries but there are {len(x)} images")
     rng = np.random.default_rng(seed)
     per_class = {}

@@ -16,7 +16,7 @@ from ..objectives.gm import gm_losses, class_posterior, total_gaussian_lkd
 from ..objectives.losses import adversarial_losses, reconstruction_loss, masked_mean, check_adversarial_kind
 from ..networks.mlp import mlp, ProjectionDiscriminator
 from ..networks.conv import ConvEncoder, ConvDecoder, conv_discriminator, latent_classifier
-from .base import GenerativeModel, check_labels, split_batch, class_labels, eval_mode
+from .base import GenerativeModel, check_labels, split_batch, class_labels, eval_mode, buildable, host_sync_free
 
 # %% auto #0
 __all__ = ['WEIGHTS', 'CONFIGS', 'MLP_MODELS', 'IMAGE_MODELS', 'dvae_weights', 'DVAEConfig', 'CVAEConfig', 'CVAEGANConfig',
@@ -47,11 +47,11 @@ def _validate(cfg):
     if has('weights') and cfg.weights not in WEIGHTS:
         bad('weights', "'paper' (lambda_kl=10/N_pixel, lambda_rec=1/N_zu, as printed) or 'code' (swapped, as in the authors' code)")
     for key in ('lambda_kl', 'lambda_rec'):
-        if has(key) and getattr(cfg, key) is not None and not getattr(cfg, key) >= 0: bad(key, 'None (from `weights`) or a number >= 0')
+        if has(key) and getattr(cfg, key) is not None and not 0 <= getattr(cfg, key) < math.inf: bad(key, 'None (from `weights`) or a finite number >= 0')
     for key in ('lambda_lkd', 'alpha', 'gm_decay_epochs'):
-        if has(key) and not getattr(cfg, key) >= 0: bad(key, 'a number >= 0')
+        if has(key) and not 0 <= getattr(cfg, key) < math.inf: bad(key, 'a finite number >= 0' + (' (to never decay, set gm_decay=1)' if key == 'gm_decay_epochs' else ''))
     for key in ('lr', 'gm_decay', 'gm_init_scale'):
-        if has(key) and not getattr(cfg, key) > 0: bad(key, 'a number > 0')
+        if has(key) and not 0 < getattr(cfg, key) < math.inf: bad(key, 'a finite number > 0')
     for key in ('beta1', 'beta2'):
         if has(key) and not 0 <= getattr(cfg, key) < 1: bad(key, "in [0, 1) (Adam's betas)")
     if has('gm_decay_on') and cfg.gm_decay_on not in ('sigma', 'all'):
@@ -134,6 +134,7 @@ class DVAE(GenerativeModel):
     """Paper 1's model: Encoder^s `enc_s` (psi), Encoder^u `enc_u` (phi), decoder `dec` (theta), adversarial classifier
     `adv_cls` (omega), discriminator `disc` (theta_d) and the learned GM prior `prior` (mu_c, Sigma_c), set up by `config`.
     `representation(x)` is the label-relevant point code z_s = Encoder^s(x)."""
+    retains_graph = True           # lines 25-29 back-propagate through one graph five times
     def __init__(self, config: DVAEConfig, enc_s: nn.Module, enc_u: nn.Module, dec: nn.Module, adv_cls: nn.Module,
                  disc: nn.Module, n_classes: int, x_shape):
         super().__init__()
@@ -203,18 +204,21 @@ class DVAE(GenerativeModel):
         keep = decay if c.gm_decay_on == 'all' else (lambda step: 1.0)
         return {'gm': torch.optim.lr_scheduler.LambdaLR(optimizers['gm'], [keep, decay])}
 
+    @host_sync_free
     def train_step(self, batch, ctx):
         "One iteration of Algorithm 1."
-        c = self.config
-        x, y = split_batch(batch, self.n_classes, allow_unlabeled=self.semi_supervised)  # lines 3, 10: sample {x, y}
-        lab = y >= 0                                               # labeled rows (all of them unless semi-supervised)
-        yl, any_lab = y.clamp(min=0), bool(lab.any())
+        c, semi = self.config, self.semi_supervised
+        x, y = split_batch(batch, self.n_classes, allow_unlabeled=semi, ctx=ctx)         # lines 3, 10: sample {x, y}
+        # the labeled rows: all of them unless semi-supervised, where picking them out reads their number on the host
+        lab = y >= 0 if semi else None
+        labeled = (lambda t: t[lab]) if semi else (lambda t: t)
+        yl, any_lab = y.clamp(min=0), bool(lab.any()) if semi else len(y) > 0
         mu_c, logvar_c = self.prior.mu, self.prior.logvar
         # -- stage 1: lines 2-9 -------------------------------------------------------------------------
         L_GM = x.new_zeros(())
         for _ in range(c.n_gm if any_lab else 0):
-            with ctx.autocast(): z_s = self.encode_s(x[lab])                                  # line 4
-            L_cls, L_lkd = gm_losses(z_s.float(), y[lab], mu_c, logvar_c, c.alpha)            # line 5
+            with ctx.autocast(): z_s = self.encode_s(labeled(x))                              # line 4
+            L_cls, L_lkd = gm_losses(z_s.float(), labeled(y), mu_c, logvar_c, c.alpha)        # line 5
             L_GM = (L_cls + c.lambda_lkd * L_lkd).mean()
             ctx.update('gm', L_GM)                                                             # lines 6-8
         # -- stage 2: lines 11-24 -----------------------------------------------------------------------
@@ -227,16 +231,16 @@ class DVAE(GenerativeModel):
             L_E_adv = -log_q.mean(1)                                                           # line 15: -sum_c 1/C log q(c|z_u)
             L_C_adv = -log_q.gather(1, yl[:, None])[:, 0]                                      # line 16
             L_lkd_y = gm_losses(z_s, yl, mu_c, logvar_c, c.alpha)[1]                           # line 18
-            L_lkd = torch.where(lab, L_lkd_y, total_gaussian_lkd(z_s, mu_c, logvar_c)) if self.semi_supervised else L_lkd_y
+            L_lkd = torch.where(lab, L_lkd_y, total_gaussian_lkd(z_s, mu_c, logvar_c)) if semi else L_lkd_y
             x_f = self.decode(z_s, z_u)                                                        # line 19
             L_rec = reconstruction_loss(x, x_f.float())                                        # line 20
-            xl, ylab = x[lab], y[lab]
+            xl, ylab = labeled(x), labeled(y)
             with torch.no_grad(): z_s_p = self.prior.sample(ylab)                              # line 21: z'_s ~ p(z_s|y)
             z_u_p = torch.randn(len(ylab), self.z_u_dim, device=x.device)                      #          z'_u ~ N(0, I)
             x_p = self.decode(z_s_p, z_u_p)                                                    # line 22
-            d_real, d_f, d_p = self.disc(torch.cat([xl, x_f[lab], x_p]), ylab.repeat(3)).float().chunk(3)   # one pass of D
+            d_real, d_f, d_p = self.disc(torch.cat([xl, labeled(x_f), x_p]), ylab.repeat(3)).float().chunk(3)   # one pass of D
             L_D_adv, L_GD_adv = adversarial_losses(d_real, [d_f, d_p], c.d_loss)               # lines 23-24
-        m = lab if self.semi_supervised else None
+        m = lab if semi else None
         rec, lkd = L_rec.mean(), L_lkd.mean()
         # -- the five updates: lines 25-29 --------------------------------------------------------------
         ctx.update('psi', rec + c.lambda_lkd * lkd, retain_graph=True)                                  # line 25
@@ -328,6 +332,7 @@ def _config(config, cls, settings: dict):
 def _mlp_disc(x_dim: int, hidden: list, n_classes: int) -> ProjectionDiscriminator:
     return ProjectionDiscriminator(mlp([x_dim] + hidden, act='lrelu', spectral=True, out_act=nn.LeakyReLU(0.2)), hidden[-1], n_classes)
 
+@buildable
 def dvae_mlp(config: DVAEConfig | None = None, x_dim: int = 2, n_classes: int = 3, hidden=(32, 64, 64), **settings) -> DVAE:
     "A DVAE for vectors of size `x_dim`, with the paper's toy MLPs."
     cfg, h = _config(config, DVAEConfig, settings), list(hidden)
@@ -351,6 +356,7 @@ def _need_labels(model, labels, what: str) -> Tensor:
 class CVAE(GenerativeModel):
     """The conditional VAE: encoder `enc` on (x, one-hot c) -> (mu, logvar) of z, decoder `dec` on (z, one-hot c).
     It has no `representation(x)`: its code is inferred given the label (`codes(x, labels)` gives its mean)."""
+    retains_graph = True           # the encoder's and the decoder's updates share one graph
     def __init__(self, config: CVAEConfig, enc: nn.Module, dec: nn.Module, n_classes: int, x_shape):
         super().__init__()
         _check_n_classes(n_classes)
@@ -358,18 +364,18 @@ class CVAE(GenerativeModel):
         self.n_classes, self.z_dim, self.x_shape = n_classes, config.z_dim, tuple(x_shape)
         self.lambda_kl, self.lambda_rec = _loss_weights(config, self.x_shape, self.z_dim)
 
-    def encode(self, x: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-        "(mu, logvar) of q(z | x, c)."
-        check_labels(c, self.n_classes, name='c')
+    def encode(self, x: Tensor, c: Tensor, check: bool = True) -> tuple[Tensor, Tensor]:
+        "(mu, logvar) of q(z | x, c); `check=False` skips reading the label values (the training step has checked them)."
+        check_labels(c, self.n_classes, name='c', values=check)
         h = self.enc(with_label(x, c, self.n_classes))
         if h.dim() != 2 or h.shape[1] != 2 * self.z_dim:
             raise ValueError(f"enc must output (n, 2*z_dim={2 * self.z_dim}) numbers (mu and log-variance), got {tuple(h.shape)}")
         return h.chunk(2, 1)
 
-    def decode(self, z: Tensor, c: Tensor) -> Tensor:
-        "x' = G(z, c)."
+    def decode(self, z: Tensor, c: Tensor, check: bool = True) -> Tensor:
+        "x' = G(z, c); `check=False` skips reading the label values (the training step has checked them)."
         _check_code(z, self.z_dim, 'z')
-        check_labels(c, self.n_classes, name='c')
+        check_labels(c, self.n_classes, name='c', values=check)
         if len(c) != len(z): raise ValueError(f"z has {len(z)} rows but c has {len(c)} labels")
         return self.dec(with_label(z, c, self.n_classes))
 
@@ -389,15 +395,16 @@ class CVAE(GenerativeModel):
     def _vae_losses(self, x: Tensor, y: Tensor, ctx) -> tuple[Tensor, Tensor, Tensor]:
         "(L_kl, x'_f, L_rec) of a labelled batch, per sample."
         with ctx.autocast():
-            mu, logvar = (t.float() for t in self.encode(x, y))
+            mu, logvar = (t.float() for t in self.encode(x, y, check=False))
             L_kl = kl_std_normal(mu, logvar)
-            x_f = self.decode(reparameterize(mu, logvar), y)
+            x_f = self.decode(reparameterize(mu, logvar), y, check=False)
             L_rec = reconstruction_loss(x, x_f.float())
         return L_kl, x_f, L_rec
 
+    @host_sync_free
     def train_step(self, batch, ctx):
         "The encoder on lambda_kl L_kl + lambda_rec L_rec, then the decoder on L_rec."
-        x, y = split_batch(batch, self.n_classes)
+        x, y = split_batch(batch, self.n_classes, ctx=ctx)
         L_kl, _, L_rec = self._vae_losses(x, y, ctx)
         rec = L_rec.mean()
         ctx.update('enc', self.lambda_kl * L_kl.mean() + self.lambda_rec * rec, retain_graph=True)
@@ -431,12 +438,13 @@ class CVAEGAN(CVAE):
         c = self.config
         return dict(super().configure_optimizers(), disc=torch.optim.Adam(self.disc.parameters(), lr=c.lr, betas=(c.beta1, c.beta2), foreach=True))
 
+    @host_sync_free
     def train_step(self, batch, ctx):
         "The encoder on lambda_kl L_kl + lambda_rec L_rec, the decoder on L_rec + L_GD^adv, the discriminator on L_D^adv."
-        x, y = split_batch(batch, self.n_classes)
+        x, y = split_batch(batch, self.n_classes, ctx=ctx)
         L_kl, x_f, L_rec = self._vae_losses(x, y, ctx)
         with ctx.autocast():
-            x_p = self.decode(torch.randn(len(y), self.z_dim, device=x.device), y)     # x'_p = G(z ~ N(0, I), y)
+            x_p = self.decode(torch.randn(len(y), self.z_dim, device=x.device), y, check=False)     # x'_p = G(z ~ N(0, I), y)
             d_real, d_f, d_p = self.disc(torch.cat([x, x_f, x_p]), y.repeat(3)).float().chunk(3)
             L_D_adv, L_GD_adv = adversarial_losses(d_real, [d_f, d_p], self.config.d_loss)
         rec = L_rec.mean()
@@ -448,11 +456,13 @@ class CVAEGAN(CVAE):
 def _cvae_mlps(cfg, x_dim: int, n_classes: int, h: list):
     return mlp([x_dim + n_classes] + h + [2 * cfg.z_dim]), mlp([cfg.z_dim + n_classes] + h[::-1] + [x_dim])
 
+@buildable
 def cvae_mlp(config: CVAEConfig | None = None, x_dim: int = 2, n_classes: int = 3, hidden=(32, 64, 64), **settings) -> CVAE:
     "A cVAE for vectors, with the same toy MLPs as `dvae_mlp`."
     cfg = _config(config, CVAEConfig, settings)
     return CVAE(cfg, *_cvae_mlps(cfg, x_dim, n_classes, list(hidden)), n_classes, (x_dim,))
 
+@buildable
 def cvaegan_mlp(config: CVAEGANConfig | None = None, x_dim: int = 2, n_classes: int = 3, hidden=(32, 64, 64), **settings) -> CVAEGAN:
     "A cVAE-GAN for vectors, with the same toy MLPs as `dvae_mlp`."
     cfg = _config(config, CVAEGANConfig, settings)
@@ -473,9 +483,10 @@ class CGAN(GenerativeModel):
         return {'D': torch.optim.Adam(self.D.parameters(), c.lr, betas=(c.beta1, c.beta2)),
                 'G': torch.optim.Adam(self.G.parameters(), c.lr, betas=(c.beta1, c.beta2))}
 
+    @host_sync_free
     def train_step(self, batch, ctx):
         "A step of D on L_D, then a step of G on L_G through the updated D."
-        x, y = split_batch(batch, self.n_classes)
+        x, y = split_batch(batch, self.n_classes, ctx=ctx)
         with ctx.autocast():
             x_fake = self.G(with_label(torch.randn(len(x), self.z_dim, device=x.device), y, self.n_classes))
             L_D = adversarial_losses(self.D(x, y).float(), [self.D(x_fake.detach(), y).float()], self.config.d_loss)[0].mean()
@@ -492,6 +503,7 @@ class CGAN(GenerativeModel):
             return self.G(with_label(torch.randn(n, self.z_dim, device=self.device, generator=generator), c, self.n_classes))
 
 # %% ../../nbs/31_dvae.ipynb #4c59a65f
+@buildable
 def image_dvae(config: DVAEConfig | None, size: int, channels: int, n_classes: int, **settings) -> DVAE:
     "A DVAE for (channels, size, size) images: two conv encoders, the conv decoder, q_omega(c|z_u) and the projection discriminator."
     cfg = _config(config, DVAEConfig, settings)
@@ -502,17 +514,20 @@ def image_dvae(config: DVAEConfig | None, size: int, channels: int, n_classes: i
 def _cvae_convs(cfg, size: int, channels: int, n_classes: int):
     return ConvEncoder(size, channels + n_classes, 2 * cfg.z_dim), ConvDecoder(size, channels, cfg.z_dim + n_classes)
 
+@buildable
 def image_cvae(config: CVAEConfig | None, size: int, channels: int, n_classes: int, **settings) -> CVAE:
     "A cVAE for images: the encoder on (x, one-hot channels), the decoder on (z, one-hot)."
     cfg = _config(config, CVAEConfig, settings)
     return CVAE(cfg, *_cvae_convs(cfg, size, channels, n_classes), n_classes, (channels, size, size))
 
+@buildable
 def image_cvaegan(config: CVAEGANConfig | None, size: int, channels: int, n_classes: int, **settings) -> CVAEGAN:
     "A cVAE-GAN for images: the cVAE's bodies and the projection discriminator."
     cfg = _config(config, CVAEGANConfig, settings)
     enc, dec = _cvae_convs(cfg, size, channels, n_classes)
     return CVAEGAN(cfg, enc, dec, conv_discriminator(size, channels, n_classes), n_classes, (channels, size, size))
 
+@buildable
 def image_cgan(config: CGANConfig | None, size: int, channels: int, n_classes: int, **settings) -> CGAN:
     "A projection-discriminator cGAN for images: the generator is the decoder body on (z, one-hot)."
     cfg = _config(config, CGANConfig, settings)

@@ -15,7 +15,7 @@ from ..objectives.gumbel import LearnablePrior
 from ..objectives.losses import d_loss, g_loss
 from ..networks.infogan import InfoGenerator, DiscriminatorTrunk, QHead, init_infogan_weights
 from ..data.imbalanced import identity_preserving
-from .base import GenerativeModel, eval_mode, batch_images, class_labels, config_variant
+from .base import GenerativeModel, eval_mode, batch_images, class_labels, config_variant, host_sync_free
 
 # %% auto #0
 __all__ = ['UniformInfoGANConfig', 'TruePriorInfoGANConfig', 'TruePriorTransInfoGANConfig', 'GumbelInfoGANConfig',
@@ -50,7 +50,7 @@ def nt_xent(a: Tensor, b: Tensor, temperature: float = 1.0) -> Tensor:
     n = a.shape[0]
     h = F.normalize(torch.cat([a, b]), dim=1)
     sim = (h @ h.T / temperature).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=h.device), float('-inf'))
-    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(h.device)
+    target = torch.cat([torch.arange(n, 2 * n, device=h.device), torch.arange(n, device=h.device)])
     return F.cross_entropy(sim, target)
 
 # %% ../../nbs/33_elastic.ipynb #061e14ba
@@ -150,6 +150,7 @@ class ElasticInfoGAN(GenerativeModel):
         L_trans = trans_loss_kl(logits, logits_aug) if cfg.trans_loss == 'kl' else nt_xent(a, a_aug, cfg.nt_temperature)
         return {'L_trans': L_trans, 'L_ent': entropy_loss(logits, logits_aug)}
 
+    @host_sync_free
     def train_step(self, batch, ctx):
         cfg = self.cfg
         x = batch_images(batch, self.image_shape)

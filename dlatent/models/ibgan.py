@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn, Tensor
 
-from .base import GenerativeModel, batch_images, eval_mode
+from .base import GenerativeModel, batch_images, eval_mode, host_sync_free
 from ..networks.mlp import mlp
 from ..networks.dcgan import Generator, disc_trunk, disc_head
 from ..objectives.distributions import gaussian_log_prob, reparameterize
@@ -166,6 +166,7 @@ class IBGAN(GenerativeModel):
         if self.q_trunk is not None: geq += list(self.q_trunk.parameters())
         return {'D': rms(d_params, self.cfg.lr_d), 'GEQ': rms(geq, self.cfg.lr_g)}
 
+    @host_sync_free
     def train_step(self, batch, ctx):
         cfg = self.cfg
         x = batch_images(batch, self.image_shape) * 2 - 1          # [0, 1] -> the generator's [-1, 1]
@@ -195,7 +196,7 @@ class IBGAN(GenerativeModel):
             loss = cfg.gamma * L_G - cfg.alpha * b['I_L']
             if 'I_U' in b: loss = loss + cfg.beta * b['I_U']
         ctx.update('GEQ', loss)
-        out = dict(L_D=L_D, L_G=L_G, I_L=b['I_L'], sigma=torch.tensor(sigma),
+        out = dict(L_D=L_D, L_G=L_G, I_L=b['I_L'], sigma=x.new_full((), sigma),
                    D_real=torch.sigmoid(d_real.detach()).mean(), D_fake=torch.sigmoid(d_fake.detach()).mean())
         if 'I_U' in b:
             out['I_U'] = b['I_U']

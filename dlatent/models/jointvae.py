@@ -15,7 +15,7 @@ from ..objectives.gumbel import gumbel_softmax
 from ..objectives.distributions import kl_std_normal, reparameterize
 from ..objectives.losses import reconstruction_loss
 from ..networks.infogan import InfoGenerator, DiscriminatorTrunk, init_infogan_weights
-from .base import GenerativeModel, eval_mode, batch_images, class_labels
+from .base import GenerativeModel, eval_mode, batch_images, class_labels, host_sync_free
 
 # %% auto #0
 __all__ = ['JointVAEConfig', 'JointVAE']
@@ -91,11 +91,12 @@ class JointVAE(GenerativeModel):
         kl_c = (log_q.exp() * log_q).sum(-1).mean() + math.log(self.n_classes)
         C_z, C_c = self.capacities(step)
         loss = rec + self.cfg.gamma * ((kl_z - C_z).abs() + (kl_c - C_c).abs())
-        return dict(loss=loss, L_rec=rec, KL_z=kl_z, KL_c=kl_c, C_z=torch.tensor(C_z), C_c=torch.tensor(C_c), q_mean=log_q.exp().mean(0))
+        return dict(loss=loss, L_rec=rec, KL_z=kl_z, KL_c=kl_c, C_z=x.new_full((), C_z), C_c=x.new_full((), C_c), q_mean=log_q.exp().mean(0))
 
     def configure_optimizers(self):
         return {'vae': torch.optim.Adam(self.parameters(), lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2))}
 
+    @host_sync_free
     def train_step(self, batch, ctx):
         x = batch_images(batch, self.image_shape)
         with ctx.autocast(): out = self.losses(x, ctx.step)

@@ -33,7 +33,7 @@ def mlp(sizes, act: str = 'relu', batchnorm: bool = False, spectral: bool = Fals
     if out_act is not None: layers.append(out_act)
     return nn.Sequential(*layers)
 
-# %% ../../nbs/20_networks.ipynb #fe6c8663
+# %% ../../nbs/20_networks.ipynb #3463f512
 def feature_side(img_size: int, n_halvings: int) -> int:
     "The side of the feature map after `n_halvings` stride-2 layers; a ValueError when `img_size` is not a multiple of 2**n_halvings."
     k = 2 ** n_halvings

@@ -4,13 +4,13 @@
 
 # %% ../../nbs/00_distributions.ipynb #9de1425e
 from __future__ import annotations
-import math
+import contextlib, math, numbers
 import torch
 from torch import nn, Tensor
 
 # %% auto #0
-__all__ = ['LOG_2PI', 'set_validation', 'gaussian_log_prob', 'reparameterize', 'kl_gaussians', 'kl_std_normal', 'total_gaussian',
-           'GaussianMixturePrior']
+__all__ = ['LOG_2PI', 'set_validation', 'validation', 'gaussian_log_prob', 'reparameterize', 'kl_gaussians', 'kl_std_normal',
+           'total_gaussian', 'GaussianMixturePrior']
 
 # %% ../../nbs/00_distributions.ipynb #c101233a
 _VALIDATE = True
@@ -19,6 +19,21 @@ def set_validation(enabled: bool) -> None:
     "Switch the input checks of `dlatent`'s densities and losses on or off (they are on by default)."
     global _VALIDATE
     _VALIDATE = bool(enabled)
+
+@contextlib.contextmanager
+def validation(enabled: bool):
+    "The input checks on (or off) inside the block, as they were after it (the switch is global: every thread sees it)."
+    before = _VALIDATE
+    set_validation(enabled)
+    try: yield
+    finally: set_validation(before)
+
+def _real(name: str, v) -> float:
+    "`v` as a float: a Python, NumPy or one-element tensor real number; anything else is a ValueError naming `name`."
+    if isinstance(v, Tensor) and v.numel() == 1 and not (v.is_complex() or v.dtype == torch.bool): return float(v)
+    if getattr(v, 'shape', None) == () and callable(getattr(v, 'item', None)): v = v.item()   # a 0-d NumPy array
+    if isinstance(v, numbers.Real) and not isinstance(v, bool): return float(v)
+    raise ValueError(f"{name} must be a real number (a float, int, NumPy scalar or one-element tensor), got {v!r}")
 
 def _check_finite(**tensors: Tensor) -> None:
     "Raise a ValueError naming every argument that is not a tensor or holds NaN/inf."
@@ -81,8 +96,9 @@ def total_gaussian(mu: Tensor, logvar: Tensor, probs: Tensor | None = None) -> t
     _check_mixture(mu, logvar)
     C = mu.shape[0]
     if probs is None: probs = torch.full((C,), 1.0 / C, dtype=mu.dtype, device=mu.device)
-    if _VALIDATE and (probs.shape != (C,) or bool((probs < 0).any()) or abs(float(probs.sum()) - 1) > 1e-4):
-        raise ValueError(f"probs must be a ({C},) probability vector (nonnegative, summing to 1), got shape {tuple(probs.shape)}")
+    if _VALIDATE and (probs.shape != (C,) or not bool(torch.isfinite(probs).all()) or bool((probs < 0).any())
+                      or abs(float(probs.sum()) - 1) > 1e-4):
+        raise ValueError(f"probs must be a ({C},) probability vector (finite, nonnegative, summing to 1), got {probs.tolist() if probs.numel() <= 8 else tuple(probs.shape)}")
     p = probs[:, None]
     mu_t = (p * mu).sum(0)
     var_t = (p * torch.exp(logvar)).sum(0) + (p * (mu - mu_t) ** 2).sum(0)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from .distributions import (gaussian_log_prob, total_gaussian, LOG_2PI, _check_finite, _check_labels,
-                                   _check_mixture)
+                                   _check_mixture, _real)
 import dlatent.objectives.distributions as _dist
 
 # %% auto #0
@@ -42,8 +42,8 @@ def gm_losses(z_s: Tensor, y: Tensor, mu: Tensor, logvar: Tensor, alpha: float =
     """Per-sample (L_cls, L_lkd), each of shape (n,) (paper 1, Eq. 7-8). L_cls is the cross entropy of the class
     posterior with the true class's Mahalanobis term scaled by (1 + alpha) (Wan et al.'s margin; alpha=0 is DVAE);
     L_lkd = -log N(z_s; mu_y, Sigma_y) in full (log-determinant and the d/2 log 2 pi constant included)."""
-    if not (isinstance(alpha, (int, float)) and alpha >= 0 and math.isfinite(alpha)):
-        raise ValueError(f"alpha (the margin) must be a finite number >= 0, got {alpha!r}")
+    alpha = _real('alpha (the margin)', alpha)
+    if not (alpha >= 0 and math.isfinite(alpha)): raise ValueError(f"alpha (the margin) must be a finite number >= 0, got {alpha!r}")
     _check_gm_args(z_s, mu, logvar, y)
     d, half_logdet = _mahalanobis_terms(z_s, mu, logvar)
     margin = 1.0 + alpha * F.one_hot(y, mu.shape[0]).to(d.dtype)
@@ -55,8 +55,11 @@ def gm_losses(z_s: Tensor, y: Tensor, mu: Tensor, logvar: Tensor, alpha: float =
 
 def gm_loss(z_s: Tensor, y: Tensor, mu: Tensor, logvar: Tensor, lambda_lkd: float = 0.1, alpha: float = 0.0) -> Tensor:
     "L_GM = mean over the batch of L_cls + lambda_lkd * L_lkd (paper 1, Eq. 9)."
-    if not (isinstance(lambda_lkd, (int, float)) and lambda_lkd >= 0 and math.isfinite(lambda_lkd)):
-        raise ValueError(f"lambda_lkd must be a finite number >= 0, got {lambda_lkd!r}")
+    lambda_lkd = _real('lambda_lkd', lambda_lkd)
+    if not (lambda_lkd >= 0 and math.isfinite(lambda_lkd)): raise ValueError(f"lambda_lkd must be a finite number >= 0, got {lambda_lkd!r}")
+    if isinstance(z_s, Tensor) and z_s.dim() >= 1 and z_s.shape[0] == 0:
+        raise ValueError("z_s has no rows: L_GM is a mean over the batch, undefined for an empty one; skip the loss when "
+                         "the batch has no labeled sample")
     L_cls, L_lkd = gm_losses(z_s, y, mu, logvar, alpha)
     return (L_cls + lambda_lkd * L_lkd).mean()
 
