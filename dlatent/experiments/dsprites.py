@@ -160,11 +160,15 @@ def build_ibgan_model(cfg, data=None) -> IBGAN:
     "The model of a run config, for the data's channels (3 for Color-dSprites) and image size."
     return IBGAN(cfg.model, nc=3 if cfg.data.dataset == 'color-dsprites' else 1, img_size=cfg.data.img_size)
 
+def _evaluate_with(score, run) -> dict:
+    "`score` (score_ibgan or score_dsprites) of `run.model` on the run's factor data set, with the sizes of the eval section."
+    ev = run.config.eval
+    return score(run.model, run.data.factors, run.config.data.img_size, ev.fv_train, ev.fv_eval, ev.fv_batch, ev.fv_std,
+                 seed=run.config.train.seed, n_codes=ev.n_codes)
+
 def evaluate_dsprites(run) -> dict:
     "The FactorVAE score (MIG and DCI with eval.n_codes) and the bounds of `run.model` (recalibrated batch norm), with the sizes of the eval section."
-    ev = run.config.eval
-    return score_ibgan(run.model, run.data.factors, run.config.data.img_size, ev.fv_train, ev.fv_eval, ev.fv_batch, ev.fv_std,
-                       seed=run.config.train.seed, n_codes=ev.n_codes)
+    return _evaluate_with(score_ibgan, run)
 
 def dsprites_figures(run):
     "traversals.png (the generator's inputs, one per row) and bounds.png (I^L, I^U and, for IB-GAN, KL_i) in the run directory."
@@ -222,9 +226,7 @@ def build_vae_model(cfg, data=None):
 
 def evaluate_vae(run) -> dict:
     "The FactorVAE score, MIG and DCI of `run.model`'s representation (the encoder's mean), with the sizes of the eval section."
-    ev = run.config.eval
-    return score_dsprites(run.model, run.data.factors, run.config.data.img_size, ev.fv_train, ev.fv_eval, ev.fv_batch, ev.fv_std,
-                          seed=run.config.train.seed, n_codes=ev.n_codes)
+    return _evaluate_with(score_dsprites, run)
 
 def vae_figures(run):
     "traversals.png (rows ordered by KL), reconstructions.png and kl.png (KL per latent dimension over training) in the run directory."

@@ -15,12 +15,13 @@ from torch import nn, Tensor
 from .base import GenerativeModel, batch_images, eval_mode, host_sync_free
 from ..networks.vae import LocatelloEncoder, LocatelloDecoder, FactorVAEDiscriminator
 from ..objectives.distributions import kl_std_normal, reparameterize
+from ..objectives.losses import reconstruction_loss
 from ..objectives.vae import tc_mws, tc_mss, permute_dims, density_ratio_tc, tc_discriminator_loss
 
 # %% auto #0
-__all__ = ['VAE_CONFIGS', 'VAE_MODELS', 'VAEConfig', 'BetaVAEConfig', 'BetaTCVAEConfig', 'FactorVAEConfig',
-           'bernoulli_logits_nll', 'fused_adam', 'VAE', 'BetaVAE', 'BetaTCVAE', 'FactorVAE', 'build_vae', 'latent_kl',
-           'vae_traversal_images', 'plot_vae_traversals', 'plot_reconstructions', 'plot_latent_kl']
+__all__ = ['VAE_CONFIGS', 'VAE_MODELS', 'VAEConfig', 'BetaVAEConfig', 'BetaTCVAEConfig', 'FactorVAEConfig', 'fused_adam', 'VAE',
+           'BetaVAE', 'BetaTCVAE', 'FactorVAE', 'build_vae', 'latent_kl', 'vae_traversal_images', 'plot_vae_traversals',
+           'plot_reconstructions', 'plot_latent_kl']
 
 # %% ../../nbs/35_vae.ipynb #6c0349b9
 def _check_positive(cfg, names=(), ints=(), unit=()):
@@ -84,14 +85,6 @@ class FactorVAEConfig(VAEConfig):
 
 VAE_CONFIGS = {'vae': VAEConfig, 'betavae': BetaVAEConfig, 'betatcvae': BetaTCVAEConfig, 'factorvae': FactorVAEConfig}
 
-# %% ../../nbs/35_vae.ipynb #0829c79a
-def bernoulli_logits_nll(x: Tensor, logits: Tensor) -> Tensor:
-    "-log p(x | logits) per sample for independent Bernoulli pixels with probabilities sigmoid(logits), x in [0, 1]; summed over all but the first dimension."
-    if x.shape != logits.shape:
-        raise ValueError(f"the decoder's output has shape {tuple(logits.shape)} but the data have shape {tuple(x.shape)}; "
-                         "the decoder must produce tensors shaped like the inputs")
-    return F.binary_cross_entropy_with_logits(logits, x, reduction='none').flatten(1).sum(1)
-
 # %% ../../nbs/35_vae.ipynb #f0bc4132
 def fused_adam(params: list, lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
     "Adam over `params`, in its fused implementation (one kernel for all parameters) where the parameters' device has one (CPU, CUDA)."
@@ -126,19 +119,20 @@ class VAE(GenerativeModel):
         "The batch's regulariser and what it logs, from the posteriors, their samples and the per-sample KL (n,): the VAE's is the mean KL."
         return kl.mean(), {}
 
-    def losses(self, x: Tensor) -> dict[str, Tensor]:
-        "The loss and its terms on a batch of images in [0, 1]: L_rec, KL (batch means), the per-dimension KL_i and the model's own terms."
+    def losses(self, x: Tensor, with_codes: bool = False) -> dict[str, Tensor] | tuple[dict[str, Tensor], Tensor]:
+        """The loss and its terms on a batch of images in [0, 1]: L_rec, KL (batch means), the per-dimension KL_i and the model's own terms;
+        with `with_codes`, also the sampled codes z (n, z_dim)."""
         mu, logvar = self.encode(x)
         z = reparameterize(mu, logvar)
         logits = self.decoder(z)
         with torch.autocast(x.device.type, enabled=False):
             mu, logvar, z = mu.float(), logvar.float(), z.float()
-            rec = bernoulli_logits_nll(x.float(), logits.float()).mean()
+            rec = reconstruction_loss(x.float(), logits.float(), 'bernoulli_logits').mean()
             kl_dims = kl_std_normal(mu.unsqueeze(-1), logvar.unsqueeze(-1))          # (n, z_dim): one KL per dimension
             reg, extra = self.regularizer(mu, logvar, z, kl_dims.sum(1))
         out = dict(loss=rec + reg, L_rec=rec, KL=kl_dims.sum(1).mean(), **extra)
         out.update({f'KL_{i + 1}': k for i, k in enumerate(kl_dims.mean(0))})
-        return out
+        return (out, z) if with_codes else out
 
     # -- training -------------------------------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -224,17 +218,8 @@ class FactorVAE(VAE):
                              f"at least 4, got {len(x)}; train.batch_size=128 gives two batches of 64")
         x1, x2 = x.chunk(2)
         # lines 4-6: the VAE's step on the first batch, with gamma times the discriminator's TC estimate
-        with ctx.autocast():
-            mu, logvar = self.encode(x1)
-            z = reparameterize(mu, logvar)
-            logits = self.decoder(z)
-            with torch.autocast(x.device.type, enabled=False):
-                mu, logvar, z = mu.float(), logvar.float(), z.float()
-                rec = bernoulli_logits_nll(x1.float(), logits.float()).mean()
-                kl_dims = kl_std_normal(mu.unsqueeze(-1), logvar.unsqueeze(-1))
-                reg, extra = self.regularizer(mu, logvar, z, kl_dims.sum(1))
-                loss = rec + reg
-        ctx.update('vae', loss)
+        with ctx.autocast(): out, z = self.losses(x1, with_codes=True)
+        ctx.update('vae', out['loss'])
         # lines 7-10: codes of the second batch from the updated encoder, permuted; the discriminator's step
         with torch.no_grad(), ctx.autocast():
             z_perm = permute_dims(reparameterize(*self.encode(x2)).float())
@@ -243,8 +228,7 @@ class FactorVAE(VAE):
             L_D = tc_discriminator_loss(*d_logits.chunk(2))
         ctx.update('D', L_D)
         p = torch.softmax(d_logits.detach(), 1)[:, 0].chunk(2)
-        out = dict(loss=loss, L_rec=rec, KL=kl_dims.sum(1).mean(), **extra, L_D=L_D, D_q=p[0].mean(), D_perm=p[1].mean())
-        out.update({f'KL_{i + 1}': k for i, k in enumerate(kl_dims.mean(0))})
+        out.update(L_D=L_D, D_q=p[0].mean(), D_perm=p[1].mean())
         return {k: v.detach() for k, v in out.items()}
 
 VAE_MODELS = {'vae': VAE, 'betavae': BetaVAE, 'betatcvae': BetaTCVAE, 'factorvae': FactorVAE}

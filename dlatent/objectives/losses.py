@@ -47,13 +47,15 @@ def g_loss(d_fake: Tensor, kind: str = 'bce') -> Tensor:
 # %% ../../nbs/05_losses.ipynb #18b9ef8f
 def reconstruction_loss(x: Tensor, x_rec: Tensor, likelihood: str = 'gaussian') -> Tensor:
     """-log p(x | x_rec) per sample, summed over every dimension but the first: 'gaussian' (unit variance, without the
-    constant D/2 log 2 pi) or 'bernoulli' (x_rec the probabilities, x in [0, 1])."""
+    constant D/2 log 2 pi), 'bernoulli' (x_rec the probabilities, x in [0, 1]) or 'bernoulli_logits' (x_rec the logits:
+    stable, and its gradient does not vanish where the sigmoid saturates)."""
     if x.shape != x_rec.shape:
         raise ValueError(f"the decoder's output has shape {tuple(x_rec.shape)} but the data have shape {tuple(x.shape)}; "
                          "the decoder must produce tensors shaped like the inputs")
     if likelihood == 'gaussian': return 0.5 * (x - x_rec).pow(2).flatten(1).sum(1)
     if likelihood == 'bernoulli': return F.binary_cross_entropy(x_rec, x, reduction='none').flatten(1).sum(1)
-    raise ValueError(f"likelihood must be 'gaussian' or 'bernoulli', got {likelihood!r}")
+    if likelihood == 'bernoulli_logits': return F.binary_cross_entropy_with_logits(x_rec, x, reduction='none').flatten(1).sum(1)
+    raise ValueError(f"likelihood must be 'gaussian', 'bernoulli' or 'bernoulli_logits', got {likelihood!r}")
 
 def masked_mean(v: Tensor, mask: Tensor | None = None) -> Tensor:
     "Mean of the per-sample values `v` over the rows where `mask` is True (0 when none is)."
