@@ -7,19 +7,10 @@ import torch
 from torch import nn
 from dlatent.cli import main
 from dlatent.experiments import EXPERIMENTS, Experiment, register, load_experiments
-from dlatent.models.base import GenerativeModel
+from sweep_helpers import Classifier    # the tests' small classifier on the protocol
 from dlatent.train import load_checkpoint
 from dlatent.data.core import moons_dataset, three_moons
 
-class Tiny(GenerativeModel):
-    def __init__(self, lr):
-        super().__init__()
-        self.net, self.lr = nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 3)), lr
-    def configure_optimizers(self): return {'net': torch.optim.Adam(self.net.parameters(), lr=self.lr)}
-    def train_step(self, batch, ctx):
-        x, y = batch
-        loss = nn.functional.cross_entropy(self.net(x), y); ctx.update('net', loss)
-        return {'loss': loss}
 
 @dataclass
 class TinyModel:
@@ -37,7 +28,7 @@ def tiny_eval(run):
 def tiny_experiment():
     register(Experiment('test-tiny', 'tiny classifier', models={'mlp': TinyModel}, data=TinyData,
                         build_data=lambda cfg: SimpleNamespace(train=moons_dataset(cfg.data.n)),
-                        build_model=lambda cfg, data: Tiny(cfg.model.lr), evaluate=tiny_eval,
+                        build_model=lambda cfg, data: Classifier(nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 3)), cfg.model.lr), evaluate=tiny_eval,
                         train=dict(epochs=2, progress=False, threads=1)))
     yield
     EXPERIMENTS.pop('test-tiny')

@@ -17,7 +17,7 @@ from dlatent.cli import main
 from dlatent.data.core import moons_dataset, three_moons
 from dlatent.data.dsprites import N_IMAGES, packed_cache, render_packed, save_packed, load_packed, digest_path, PackedFileError
 from dlatent.experiments import EXPERIMENTS, Experiment, register, run_experiment, load_run
-from dlatent.models.base import GenerativeModel
+from sweep_helpers import Classifier    # the tests' small classifier on the protocol
 from dlatent.runtime import (atomic_save, write_json, load_checkpoint, remove_stale_temps, pick_device, CheckpointError, _HOST)
 from dlatent.train import TinyClassifier, TrainConfig, Trainer, fit, NonFiniteLossError, Callback, find_nonfinite
 from dlatent.objectives.distributions import total_gaussian, kl_std_normal, set_validation
@@ -31,15 +31,6 @@ ROOT = os.geteuid() == 0 if hasattr(os, 'geteuid') else False
 
 # -- a tiny experiment: trains in a fraction of a second, checkpoints at steps 4, 8 and 12 ------------------------------------
 
-class Tiny(GenerativeModel):
-    def __init__(self, hidden, lr):
-        super().__init__()
-        self.net, self.lr = nn.Sequential(nn.Linear(2, hidden), nn.ReLU(), nn.Linear(hidden, 3)), lr
-    def configure_optimizers(self): return {'net': torch.optim.Adam(self.net.parameters(), lr=self.lr)}
-    def train_step(self, batch, ctx):
-        x, y = batch
-        loss = nn.functional.cross_entropy(self.net(x), y); ctx.update('net', loss)
-        return {'loss': loss}
 
 @dataclass
 class TinyModel:
@@ -63,7 +54,7 @@ def tiny_eval(run):
 def tiny():
     register(Experiment('rel-tiny', 'tiny classifier', models={'mlp': TinyModel}, data=TinyData, eval=TinyEval,
                         build_data=lambda cfg: SimpleNamespace(train=moons_dataset(cfg.data.n, cfg.data.noise, seed=cfg.train.seed)),
-                        build_model=lambda cfg, data: Tiny(cfg.model.hidden, cfg.model.lr), evaluate=tiny_eval,
+                        build_model=lambda cfg, data: Classifier(nn.Sequential(nn.Linear(2, cfg.model.hidden), nn.ReLU(), nn.Linear(cfg.model.hidden, 3)), cfg.model.lr), evaluate=tiny_eval,
                         train=dict(steps=12, batch_size=32, log_every=4, ckpt_every=4, progress=False, threads=1)))
     yield 'rel-tiny'
     EXPERIMENTS.pop('rel-tiny')
