@@ -567,7 +567,7 @@ class Trainer:
         if self.scaler: self.scaler.update()
         for s in self.schedulers.values(): s.step()
         self.step += 1
-        self.losses = {k: v.detach() if isinstance(v, Tensor) else torch.tensor(float(v)) for k, v in losses.items()}
+        self.losses = {k: v.detach() if isinstance(v, Tensor) else torch.tensor(float(v), device=self.ctx.device) for k, v in losses.items()}
         self.pending.append((self.step, self.losses))
 
     def loop(self):

@@ -89,3 +89,21 @@ def test_missing_device_is_one_line(tiny_experiment, capsys, tmp_path):
     assert main(['train', 'test-tiny', '--device', 'cuda', '--out', str(tmp_path / 'r')]) == 2
     assert 'CUDA is not available' in err_line(capsys)
     assert not (tmp_path / 'r').exists()          # a run that failed at set-up leaves no directory behind
+
+def test_export_writes_a_loadable_model(tmp_path, capsys, monkeypatch):
+    "`dlatent export RUN_DIR OUT_DIR` writes config.json, the weights as safetensors and a model card; the class loads it back."
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+    run, out = tmp_path / 'run', tmp_path / 'shared'
+    assert main(['train', 'moons', '--set', 'train.steps=5', 'train.progress=false', 'train.threads=1', '--out', str(run)]) == 0
+    capsys.readouterr()
+    assert main(['export', str(run), str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    assert 'DVAE.from_pretrained' in printed and 'moons' in (out / 'README.md').read_text()
+    from dlatent.models.dvae import DVAE
+    from dlatent.experiments import load_run
+    a, b = load_run(run).model, DVAE.from_pretrained(out)
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()): assert ka == kb and torch.equal(va, vb), ka
+    # into the run itself, or from a directory that holds no run: one line, exit code 2
+    assert main(['export', str(run), str(run)]) == 2 and 'holds a run' in capsys.readouterr().err
+    assert main(['export', str(tmp_path / 'none'), str(tmp_path / 'x')]) == 2 and 'does not exist' in capsys.readouterr().err

@@ -332,6 +332,7 @@ def test_readme_library_example(tmp_path, monkeypatch):
     "tests/readme_example.py is the README's library example; it runs as written (on one CPU thread here)."
     src = (ROOT / 'tests' / 'readme_example.py').read_text()
     assert src.count('progress=False)') == 1
+    assert src.strip() in (ROOT / 'README.md').read_text(), "README.md must show tests/readme_example.py verbatim (edit nbs/index.ipynb)"
     monkeypatch.chdir(tmp_path)
     exec(compile(src.replace('progress=False)', 'progress=False, threads=1)'), 'readme_example.py', 'exec'), {'__name__': '__main__'})
     assert sorted(p.name for p in (tmp_path / 'my-dvae').iterdir()) == ['README.md', 'config.json', 'model.safetensors']

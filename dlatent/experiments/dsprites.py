@@ -111,32 +111,34 @@ def factor_codes(fdata, rep_fn, n: int, seed: int = 0, chunk: int = 4096) -> tup
     f = np.asarray(fdata.sample_factors(n, np.random.default_rng(seed)))
     return np.concatenate([np.asarray(rep_fn(fdata.images_from_factors(f[i:i + chunk]))) for i in range(0, n, chunk)]), f
 
-def mig_dci_scores(codes, factors, seed: int = 0) -> dict:
-    "MIG and DCI (disentanglement, completeness, held-out informativeness) of codes against factors; DCI's trees learn on the first two thirds."
+def mig_dci_scores(codes, factors, seed: int = 0, model: str = 'gbt') -> dict:
+    """MIG and DCI (disentanglement, completeness, held-out informativeness) of codes against factors; DCI's importance `model`
+    ('gbt', disentanglement_lib's gradient-boosted trees, or the fast 'extra_trees') learns on the first two thirds."""
     from dlatent.metrics.disentanglement import mig, dci_disentanglement
     k = (2 * len(codes)) // 3
-    dci = dci_disentanglement(codes[:k], factors[:k], codes[k:], factors[k:], seed=seed)
+    dci = dci_disentanglement(codes[:k], factors[:k], codes[k:], factors[k:], model=model, seed=seed)
     return dict(mig=float(mig(codes, factors)['mig']), dci_disentanglement=dci['disentanglement'], dci_completeness=dci['completeness'],
                 dci_informativeness=dci['informativeness_test'])
 
 def score_dsprites(model, fdata, img_size: int, n_train: int = 10_000, n_eval: int = 5_000, n_votes_batch: int = 64,
-                   n_std: int = 10_000, seed: int = 0, n_codes: int = 0) -> dict:
+                   n_std: int = 10_000, seed: int = 0, n_codes: int = 0, dci_model: str = 'gbt') -> dict:
     """FactorVAE score (held-out accuracy) of `model.representation` on the factor dataset `fdata` and the number of active
     dimensions; with `n_codes` > 0 also MIG and DCI of the codes of that many images. Any model of the protocol."""
     from dlatent.metrics.disentanglement import factor_vae_score
     rep_fn = dsprites_representation_fn(model, img_size)
     res = factor_vae_score(fdata, rep_fn, L=n_votes_batch, n_train=n_train, n_eval=n_eval, n_std=n_std, seed=seed)
     out = dict(factor_vae=float(res['eval_accuracy']), active_dims=int(res['num_active_dims']))
-    if n_codes: out.update(mig_dci_scores(*factor_codes(fdata, rep_fn, n_codes, seed), seed=seed))
+    if n_codes: out.update(mig_dci_scores(*factor_codes(fdata, rep_fn, n_codes, seed), seed=seed, model=dci_model))
     return out
 
 def score_ibgan(model, fdata, img_size: int, n_train: int = 10_000, n_eval: int = 5_000, n_votes_batch: int = 64,
-                n_std: int = 10_000, seed: int = 0, n_bounds: int = 2000, recalibrate: bool = True, n_codes: int = 0) -> dict:
+                n_std: int = 10_000, seed: int = 0, n_bounds: int = 2000, recalibrate: bool = True, n_codes: int = 0,
+                dci_model: str = 'gbt') -> dict:
     """`score_dsprites` and I^L, I^U and KL_i of an IB-GAN, InfoGAN or GAN; with `recalibrate`, of a copy whose batch-norm
     statistics were recomputed."""
     if recalibrate: model = recalibrate_batchnorm(model)
     out = estimate_bounds(model, n_bounds)
-    out.update(score_dsprites(model, fdata, img_size, n_train, n_eval, n_votes_batch, n_std, seed, n_codes))
+    out.update(score_dsprites(model, fdata, img_size, n_train, n_eval, n_votes_batch, n_std, seed, n_codes, dci_model))
     return out
 
 # %% ../../nbs/63_dsprites_experiments.ipynb #94b2de87
@@ -149,11 +151,14 @@ class DSpritesEvalConfig:
     fv_std: int = 10_000           # images for the per-dimension std,
     fv_subset: int = 0             # the images it draws from: 0 all 737,280, n > 0 a random subset of n (for quick checks)
     n_codes: int = 0               # images encoded once for MIG and DCI (0: skip them)
+    dci_model: str = 'gbt'         # DCI's importance model: 'gbt' (disentanglement_lib's; minutes on a CPU) or 'extra_trees' (seconds)
 
     def __post_init__(self):
         for name, lo in (('fv_train', 1), ('fv_eval', 1), ('fv_batch', 2), ('fv_std', 2), ('fv_subset', 0), ('n_codes', 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo: raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+        if self.dci_model not in ('gbt', 'extra_trees', 'random_forest'):
+            raise ValueError(f"dci_model must be 'gbt', 'extra_trees' or 'random_forest', got {self.dci_model!r}")
         if 0 < self.n_codes < 30: raise ValueError(f"n_codes must be 0 (no MIG or DCI) or at least 30 images, got {self.n_codes}")
 
 def build_ibgan_model(cfg, data=None) -> IBGAN:
@@ -164,7 +169,7 @@ def _evaluate_with(score, run) -> dict:
     "`score` (score_ibgan or score_dsprites) of `run.model` on the run's factor data set, with the sizes of the eval section."
     ev = run.config.eval
     return score(run.model, run.data.factors, run.config.data.img_size, ev.fv_train, ev.fv_eval, ev.fv_batch, ev.fv_std,
-                 seed=run.config.train.seed, n_codes=ev.n_codes)
+                 seed=run.config.train.seed, n_codes=ev.n_codes, dci_model=ev.dci_model)
 
 def evaluate_dsprites(run) -> dict:
     "The FactorVAE score (MIG and DCI with eval.n_codes) and the bounds of `run.model` (recalibrated batch norm), with the sizes of the eval section."
@@ -214,7 +219,8 @@ for _prefix, _models, _data, _steps in (('dsprites', DSPRITES_MODELS, DSpritesDa
 VAE_TRAIN = dict(steps=300_000, batch_size=64, log_every=100, ckpt_every=10_000, eval_every=50_000)
 VAE_QUICK = {'train.steps': 3000, 'train.eval_every': 1000, 'train.ckpt_every': 1000, 'train.log_every': 25,
              'model.lr': 5e-4, 'model.lr_d': 5e-4, 'data.img_size': 32, 'data.n_train': 100_000,
-             'eval.fv_train': 1000, 'eval.fv_eval': 500, 'eval.fv_std': 5000, 'eval.n_codes': 5000}
+             'eval.fv_train': 1000, 'eval.fv_eval': 500, 'eval.fv_std': 5000, 'eval.n_codes': 5000,
+             'eval.dci_model': 'extra_trees'}
 
 DSpritesVAEEvalConfig = config_variant(DSpritesEvalConfig, 'DSpritesVAEEvalConfig', "The evaluation section of the VAE experiments: "
                                        "the FactorVAE metric, and MIG and DCI on 10,000 codes.", n_codes=10_000)

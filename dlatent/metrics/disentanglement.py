@@ -97,14 +97,18 @@ def _check_int(name, v, lo=1):
 
 def factor_vae_score(data, rep_fn: Callable[[Tensor], Tensor] | None = None, L: int = 64, n_train: int = 10000,
                      n_eval: int = 5000, n_std: int = 10000, threshold: float = 0.05, batch_size: int = 4096,
-                     seed: int = 0, device='cpu') -> dict:
+                     seed: int = 0, device='cpu', prune: str = 'absolute') -> dict:
     """The FactorVAE metric of the codes `rep_fn(images)` of a `FactorDataset` (`rep_fn=None` for a `FactorTable`).
+    `prune` says which dimensions count as collapsed: 'absolute' those whose std over the data is below `threshold` (Kim & Mnih,
+    disentanglement_lib), 'relative' those below `threshold` times the largest dimension's std (independent of the code's scale).
     Returns a dict: eval_accuracy (the score), train_accuracy, num_active_dims, train_votes and eval_votes (K, d), seconds
     (in all) and encode_seconds (of which spent in `images_from_factors` and `rep_fn`)."""
     t0, t_enc = time.time(), [0.0]
     sizes = _factor_sizes(data)
     for name, v, lo in (('L', L, 2), ('n_train', n_train, 1), ('n_eval', n_eval, 1), ('n_std', n_std, 2), ('batch_size', batch_size, 1)):
         _check_int(name, v, lo)
+    if prune not in ('absolute', 'relative'):
+        raise ValueError(f"prune must be 'absolute' (std < threshold, as disentanglement_lib) or 'relative' (std < threshold * the largest std), got {prune!r}")
     varying = np.flatnonzero(np.array(sizes) > 1)
     if len(varying) == 0: raise ValueError("every factor has a single value: there is nothing to disentangle")
     device = pick_device(device) if isinstance(device, str) else device
@@ -118,7 +122,8 @@ def factor_vae_score(data, rep_fn: Callable[[Tensor], Tensor] | None = None, L: 
     f_std = np.asarray(data.sample_factors(n_std, rng))
     z = torch.cat([encode(f_std[i:i + batch_size]) for i in range(0, n_std, batch_size)])
     global_var = z.var(0, unbiased=True)
-    active = torch.nonzero((global_var.sqrt() >= threshold) & (global_var > 0)).flatten()   # 0/0 would win every vote
+    cut = threshold * global_var.max().sqrt() if prune == 'relative' else threshold
+    active = torch.nonzero((global_var.sqrt() >= cut) & (global_var > 0)).flatten()   # 0/0 would win every vote
     d = z.shape[1]
     result = dict(num_active_dims=len(active), train_votes=np.zeros((K, d), np.int64), eval_votes=np.zeros((K, d), np.int64))
     if len(active) == 0:
@@ -211,9 +216,11 @@ def _one_minus_entropy(p: np.ndarray, base: int) -> np.ndarray:
     p = p / p.sum(1, keepdims=True)
     return 1.0 - _entropy(p, 1) / math.log(base) if base > 1 else np.ones(len(p))
 
-def dci_disentanglement(codes_train, factors_train, codes_test, factors_test, model: str = 'extra_trees', seed: int = 0) -> dict:
+def dci_disentanglement(codes_train, factors_train, codes_test, factors_test, model: str = 'gbt', seed: int = 0) -> dict:
     """DCI of codes (n, d) against discrete factors (n, K). Returns a dict: disentanglement (D), completeness (C),
-    informativeness_train / informativeness_test (mean accuracy of the per-factor predictors), importance (d, K)."""
+    informativeness_train / informativeness_test (mean accuracy of the per-factor predictors), importance (d, K).
+    `model`: the importance model, 'gbt' (gradient-boosted trees, disentanglement_lib's; slow for factors with many values),
+    'extra_trees' (fast) or 'random_forest'."""
     zt, vt = _check_codes_factors(codes_train, factors_train, 'codes_train', 'factors_train')
     ze, ve = _check_codes_factors(codes_test, factors_test, 'codes_test', 'factors_test')
     if zt.shape[1] != ze.shape[1] or vt.shape[1] != ve.shape[1]:
