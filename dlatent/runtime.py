@@ -12,7 +12,7 @@ import torch
 
 # %% auto #0
 __all__ = ['check_device_name', 'pick_device', 'pick_dtype', 'seed_everything', 'rng_state', 'set_rng_state', 'notice',
-           'remove_stale_temps', 'atomic_path', 'atomic_save', 'CheckpointError', 'verify_checkpoint',
+           'remove_stale_temps', 'atomic_path', 'atomic_save', 'file_lock', 'CheckpointError', 'verify_checkpoint',
            'load_checkpoint', 'write_json', 'read_json']
 
 # %% ../nbs/09_runtime.ipynb #c66c9b01
@@ -158,6 +158,19 @@ def atomic_path(path: str | Path, previous: str | Path | None = None):
 def atomic_save(obj, path: str | Path, previous: str | Path | None = None):
     "`torch.save` to `path` so that a crash at any moment leaves the previous file intact (kept as `previous` if given)."
     with atomic_path(path, previous) as tmp: torch.save(obj, tmp)
+
+# %% ../nbs/09_runtime.ipynb #675ea401
+@contextlib.contextmanager
+def file_lock(path: str | Path, blocking: bool = True):
+    "An exclusive lock on the file `path` (created if missing) while the block runs; `blocking=False` raises BlockingIOError if it is held."
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, 'a+') as f:
+        try: import fcntl
+        except ImportError: yield; return          # no flock here: the atomic writes alone keep the files whole
+        fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        try: yield
+        finally: fcntl.flock(f, fcntl.LOCK_UN)
 
 # %% ../nbs/09_runtime.ipynb #73d0c8ad
 class CheckpointError(ValueError):

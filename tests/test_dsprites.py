@@ -73,3 +73,19 @@ def test_errors():
     with pytest.raises(ValueError, match="'posY'"): ds.images_from_factors([[0, 0, 0, 0, 32]])
     with pytest.raises(IndexError): ds[8]
     with pytest.raises(ValueError, match='either n'): dsprites_tensor_dataset(n=4, subset=4)
+
+
+def test_concurrent_cache_builds_render_once(tmp_path):
+    "Processes that open the same missing packed cache at once (a sweep's workers) take turns: one renders, the others load it."
+    import subprocess, sys
+    code = ("import sys, time, numpy as np\n"
+            "from dlatent.data.dsprites import packed_cache\n"
+            "def render(out):\n"
+            "    open(sys.argv[2], 'a').write('rendered\\n'); time.sleep(1.0); out[:] = 7\n"
+            "mm = packed_cache(sys.argv[1], 64, render, chunk=16, verbose=False)\n"
+            "assert mm.shape == (64, 64, 8) and (mm == 7).all()\n")
+    path, log = tmp_path / 'cache' / 'packed.npy', tmp_path / 'renders.log'
+    procs = [subprocess.Popen([sys.executable, '-c', code, str(path), str(log)]) for _ in range(3)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    assert log.read_text().count('rendered') == 1
+    assert not [p.name for p in path.parent.iterdir() if p.name.endswith('.tmp')]     # no temporary file left behind

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
-from ..runtime import atomic_path, write_json, read_json, notice, remove_stale_temps, _first_line
+from ..runtime import atomic_path, file_lock, write_json, read_json, notice, remove_stale_temps, _first_line
 
 # %% auto #0
 __all__ = ['LATENT_NAMES', 'LATENT_SIZES', 'FACTOR_NAMES', 'FACTOR_SIZES', 'SHAPES', 'N_IMAGES', 'IMAGE_SIZE', 'SCALES',
@@ -283,22 +283,25 @@ def packed_cache(path: str | Path, n: int, render, chunk: int = CHUNK, rebuild: 
                  what: str = 'the images') -> np.ndarray:
     """A verified packed file of `n` images at `path` as a read-only memory map: rendered by `render(out)` into a memory map
     when it is missing or `rebuild`, and rendered again, with a one-line notice, when it is damaged. Temporary files of
-    interrupted writes are removed first."""
+    interrupted writes are removed first. Processes that open the same missing file at once (a sweep's workers) take turns
+    under a lock beside it: the first renders it, the others wait and then load it."""
     path = Path(path)
-    for p in (path, digest_path(path)): remove_stale_temps(p)
-    if not rebuild and (path.exists() or digest_path(path).exists()):
-        try: return load_packed(path, n)
-        except (PackedFileError, FileNotFoundError) as e:
-            notice(f"warning: {getattr(e, 'path', path)} {getattr(e, 'reason', 'is missing')}; rendering it again")
-    if verbose: print(f'rendering {what} once into {path} ...', flush=True)
-    t0 = time.perf_counter()
-    with atomic_path(path) as tmp:
-        mm = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.uint8, shape=(n, IMAGE_SIZE, IMAGE_SIZE // 8))
-        render(mm); mm.flush()
-        _write_digests(path, mm, chunk); del mm
-    _VERIFIED.add(_identity(path))
-    if verbose: print(f'done in {time.perf_counter() - t0:.1f} s ({path.stat().st_size / 2**20:.0f} MiB)')
-    return load_packed(path, n)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(path.parent / f'.{path.name}.lock'):
+        for p in (path, digest_path(path)): remove_stale_temps(p)
+        if not rebuild and (path.exists() or digest_path(path).exists()):
+            try: return load_packed(path, n)
+            except (PackedFileError, FileNotFoundError) as e:
+                notice(f"warning: {getattr(e, 'path', path)} {getattr(e, 'reason', 'is missing')}; rendering it again")
+        if verbose: print(f'rendering {what} once into {path} ...', flush=True)
+        t0 = time.perf_counter()
+        with atomic_path(path) as tmp:
+            mm = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.uint8, shape=(n, IMAGE_SIZE, IMAGE_SIZE // 8))
+            render(mm); mm.flush()
+            _write_digests(path, mm, chunk); del mm
+        _VERIFIED.add(_identity(path))
+        if verbose: print(f'done in {time.perf_counter() - t0:.1f} s ({path.stat().st_size / 2**20:.0f} MiB)')
+        return load_packed(path, n)
 
 def dsprites_cache(cache_dir: str | Path | None = None, rebuild: bool = False, verbose: bool = True) -> np.ndarray:
     "The full packed set as a read-only memory map: rendered into the cache folder on first use, verified on every open, rendered again if damaged."

@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..runtime import atomic_path, write_json
+from ..runtime import atomic_path, file_lock, write_json
 from .core import Experiment, UsageError, get_experiment, make_config, parse_overrides, run_experiment
 
 # %% auto #0
@@ -178,16 +178,7 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
     msg = f'{type(e).__name__}: {msg}'
     return msg if len(msg) <= limit else msg[:limit - 3] + '...'
 
-@contextlib.contextmanager
-def _point_lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, 'a') as f:
-        try: import fcntl
-        except ImportError: fcntl = None      # (Windows: the sweep's own lock still keeps two sweeps apart)
-        if fcntl: fcntl.flock(f, fcntl.LOCK_EX)
-        try: yield
-        finally:
-            if fcntl: fcntl.flock(f, fcntl.LOCK_UN)
+def _point_lock(path: Path): return file_lock(path)
 
 def _read_metrics(d: Path) -> dict | None:
     "The metrics of a finished point (its metrics.json, a JSON object), or None."
@@ -444,15 +435,11 @@ def _open_manifest(out: Path, exp: Experiment, preset, fixed: dict, grid_keys: l
 
 @contextlib.contextmanager
 def _sweep_lock(out: Path):
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / '.sweep.lock', 'a+') as f:
-        try: import fcntl
-        except ImportError: yield; return
-        try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with contextlib.ExitStack() as stack:
+        try: stack.enter_context(file_lock(out / '.sweep.lock', blocking=False))
         except BlockingIOError:
             raise UsageError(f"another sweep is running in {str(out)!r}; wait for it to finish, or pass another --out") from None
-        try: yield
-        finally: fcntl.flock(f, fcntl.LOCK_UN)
+        yield
 
 # %% ../../nbs/65_sweeps.ipynb #7aa995af
 def _plural(n, word: str) -> str: return f"{n} {word}{'s' if n != 1 else ''}"
