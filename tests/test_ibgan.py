@@ -244,3 +244,18 @@ def test_recalibration_keeps_each_layers_momentum():
     bns[0].momentum = 0.3
     r = recalibrate_batchnorm(m, n=64, batch_size=32)
     assert [b.momentum for b in r.modules() if isinstance(b, nn.modules.batchnorm._BatchNorm)] == [b.momentum for b in bns]
+
+def test_paper_setting_gpu_script_tiny_runs_on_the_cpu(tmp_path):
+    "benchmarks/ibgan_paper.py (the paper's setting on a GPU) in its --tiny CPU mode: three runs, scores, a report beside Table 1."
+    import json, runpy
+    from pathlib import Path
+    script = runpy.run_path(str(Path(__file__).parents[1] / 'benchmarks' / 'ibgan_paper.py'))
+    res = script['main'](['--tiny', '--out', str(tmp_path)])
+    assert set(res) == {'ibgan', 'infogan', 'gan'} and not [m for m, r in res.items() if 'error' in r], res
+    for m, r in res.items():
+        assert r['steps'] == 20 and r['its'] > 0 and 0 <= r['factor_vae'] <= 1 and 0 <= r['mig'] <= 1, (m, r)
+        assert (tmp_path / m / 'checkpoint.pt').exists()
+    assert all(f'KL_{i}' in res['ibgan'] for i in range(1, 11)) and 'KL_1' not in res['gan']
+    report = (tmp_path / 'report.md').read_text()
+    assert '20 iterations each' in report and '| ibgan |' in report and '0.80 ± 0.07' in report
+    assert json.loads((tmp_path / 'results.json').read_text())['steps'] == 20
