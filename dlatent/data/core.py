@@ -4,15 +4,16 @@
 
 # %% ../../nbs/10_data.ipynb #ec4271c3
 from __future__ import annotations
-import gzip, os, pickle, struct
+import gzip, hashlib, os, pickle, struct
 from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
 # %% auto #0
-__all__ = ['MOON_CENTERS', 'three_moons', 'moons_dataset', 'moons_log_density', 'moons_bayes_accuracy', 'digits_dataset',
-           'read_idx', 'write_idx', 'mnist_arrays', 'mnist_dataset', 'mnist_from_pickle']
+__all__ = ['MOON_CENTERS', 'IMAGE_SUFFIXES', 'three_moons', 'moons_dataset', 'moons_log_density', 'moons_bayes_accuracy',
+           'digits_dataset', 'read_idx', 'write_idx', 'mnist_arrays', 'mnist_dataset', 'mnist_from_pickle',
+           'image_folder', 'celeba_images', 'chairs_images']
 
 # %% ../../nbs/10_data.ipynb #69f5753e
 MOON_CENTERS = (-2.2, 0.0, 2.2)
@@ -127,3 +128,79 @@ def mnist_from_pickle(pkl: str | Path, root: str | Path):
     write_idx(np.concatenate([ytr, yva]), raw / _MNIST_FILES['train'][1])
     write_idx(to8(xte), raw / _MNIST_FILES['test'][0]); write_idx(yte, raw / _MNIST_FILES['test'][1])
     return raw
+
+# %% ../../nbs/10_data.ipynb #5d20876d
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
+
+def _image_files(root: Path, pattern: str) -> list[Path]:
+    if not root.is_dir(): raise FileNotFoundError(f"image folder {str(root)!r} does not exist; unpack the images there (see the docstring for the layout)")
+    files = sorted(p for p in root.glob(pattern) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files: raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {str(root)!r} matching {pattern!r}; "
+                                          f"unpack the data set there, or pass the folder that holds them")
+    return files
+
+def _load_image(path: Path, img_size: int, crop: int | None, channels: int) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            im = im.convert('RGB' if channels == 3 else 'L')
+            if crop:
+                w, h = im.size
+                if crop > min(w, h): raise ValueError(f"{path} is {w}x{h}, smaller than the crop {crop}")
+                l, t = (w - crop) // 2, (h - crop) // 2
+                im = im.crop((l, t, l + crop, t + crop))
+            elif im.size[0] != im.size[1]:
+                s = min(im.size); l, t = (im.size[0] - s) // 2, (im.size[1] - s) // 2
+                im = im.crop((l, t, l + s, t + s))                   # a centred square, so that resizing keeps the aspect
+            im = im.resize((img_size, img_size), Image.LANCZOS)
+            a = np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{path} cannot be read as an image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                         f"delete or replace it, then run again") from None
+    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+
+def image_folder(root: str | Path, img_size: int = 64, pattern: str = '**/*', crop: int | None = None, channels: int = 3,
+                 limit: int = 0, cache: bool = True) -> torch.Tensor:
+    """Every image under `root` matching `pattern` (sorted by path), centre-cropped to `crop` x `crop` (default: the largest
+    centred square) and resized to `img_size`, as uint8 (N, channels, img_size, img_size); the first `limit` only if > 0.
+    With `cache`, stored once beside the images and read from there while the folder is unchanged."""
+    from dlatent.runtime import atomic_path, notice
+    root = Path(root)
+    if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1: raise ValueError(f"img_size must be a positive int, got {img_size!r}")
+    if channels not in (1, 3): raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels!r}")
+    if crop is not None and (isinstance(crop, bool) or not isinstance(crop, int) or crop < 1): raise ValueError(f"crop must be None or a positive int, got {crop!r}")
+    files = _image_files(root, pattern)
+    if limit: _check_count(limit, 'limit'); files = files[:limit]
+    key = hashlib.sha256('\n'.join(f'{p.relative_to(root)}:{p.stat().st_size}' for p in files).encode()).hexdigest()[:16]
+    path = root / f'.dlatent-{img_size}px-{crop or "square"}-{channels}c-{key}.npy'
+    if cache and path.exists():
+        try:
+            a = np.load(path)
+            if a.shape == (len(files), channels, img_size, img_size) and a.dtype == np.uint8: return torch.from_numpy(a)
+        except (OSError, ValueError): pass
+        notice(f"warning: the cached images {path} cannot be used; reading the folder again")
+    out = np.empty((len(files), channels, img_size, img_size), np.uint8)
+    for i, f in enumerate(files): out[i] = _load_image(f, img_size, crop, channels)
+    if cache:
+        try:
+            with atomic_path(path) as tmp:
+                with open(tmp, 'wb') as fh: np.save(fh, out)
+        except OSError as e: notice(f"the images of {root} could not be cached ({e.strerror or e}); they will be read again next time")
+    return torch.from_numpy(out)
+
+def celeba_images(root: str | Path, img_size: int = 64, limit: int = 0, cache: bool = True) -> torch.Tensor:
+    """CelebA's aligned faces from `root/img_align_celeba/*.jpg` (or `root/celeba/img_align_celeba`, torchvision's layout): the
+    central 140x140 square, resized to `img_size`, uint8 (N, 3, img_size, img_size)."""
+    root = Path(root)
+    for d in (root / 'img_align_celeba', root / 'celeba' / 'img_align_celeba', root):
+        if d.is_dir() and any(d.glob('*.jpg')): return image_folder(d, img_size, '*.jpg', crop=140, limit=limit, cache=cache)
+    raise FileNotFoundError(f"no CelebA images under {str(root)!r}: unpack img_align_celeba.zip (from the CelebA site or "
+                            f"torchvision.datasets.CelebA on a machine with internet) so that {str(root / 'img_align_celeba')!r} holds the .jpg files")
+
+def chairs_images(root: str | Path, img_size: int = 64, limit: int = 0, cache: bool = True) -> torch.Tensor:
+    "3D Chairs' renders from `root/rendered_chairs/*/renders/*.png`, resized to `img_size`, uint8 (N, 3, img_size, img_size)."
+    root = Path(root)
+    for d in (root / 'rendered_chairs', root):
+        if d.is_dir() and any(d.glob('*/renders/*.png')): return image_folder(d, img_size, '*/renders/*.png', limit=limit, cache=cache)
+    raise FileNotFoundError(f"no 3D Chairs renders under {str(root)!r}: unpack rendered_chairs.tar so that "
+                            f"{str(root / 'rendered_chairs')!r} holds one folder per chair with a renders/ folder of .png files")
