@@ -159,7 +159,7 @@ def atomic_save(obj, path: str | Path, previous: str | Path | None = None):
     "`torch.save` to `path` so that a crash at any moment leaves the previous file intact (kept as `previous` if given)."
     with atomic_path(path, previous) as tmp: torch.save(obj, tmp)
 
-# %% ../nbs/09_runtime.ipynb #675ea401
+# %% ../nbs/09_runtime.ipynb #ec61ebce
 @contextlib.contextmanager
 def file_lock(path: str | Path, blocking: bool = True):
     "An exclusive lock on the file `path` (created if missing) while the block runs; `blocking=False` raises BlockingIOError if it is held."

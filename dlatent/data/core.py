@@ -129,7 +129,7 @@ def mnist_from_pickle(pkl: str | Path, root: str | Path):
     write_idx(to8(xte), raw / _MNIST_FILES['test'][0]); write_idx(yte, raw / _MNIST_FILES['test'][1])
     return raw
 
-# %% ../../nbs/10_data.ipynb #5d20876d
+# %% ../../nbs/10_data.ipynb #2eb55c08
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
 
 def _image_files(root: Path, pattern: str) -> list[Path]:
