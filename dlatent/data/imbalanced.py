@@ -19,7 +19,7 @@ from .core import mnist_dataset, digits_dataset
 
 # %% auto #0
 __all__ = ['load_split_counts', 'imbalanced_indices', 'imbalanced_split', 'fit_counts', 'parse_counts', 'image_pool',
-           'split_counts', 'imbalanced_dataset', 'identity_preserving']
+           'split_counts', 'imbalanced_dataset', 'identity_preserving', 'shapes_dataset']
 
 # %% ../../nbs/13_imbalanced.ipynb #17c539de
 def load_split_counts() -> np.ndarray:
@@ -120,3 +120,33 @@ def identity_preserving(x: Tensor, rotation: float = 20., zoom: float = 0.1, dis
         coarse = u(B, 2, 3, 3) * distortion
         grid = grid + F.interpolate(coarse, size=x.shape[-2:], mode='bicubic', align_corners=True).permute(0, 2, 3, 1)
     return F.grid_sample(x, grid.to(x.dtype), mode='bilinear', padding_mode='zeros', align_corners=False)
+
+# %% ../../nbs/13_imbalanced.ipynb #c9add80e
+_SHAPES = ('horizontal', 'vertical', 'diagonal', 'antidiagonal', 'square', 'plus')
+
+def _shape(name: str, n: int) -> np.ndarray:
+    "A centred stroke of shape `name` on an n x n grid (values 0 or 1)."
+    a, i = np.zeros((n, n), np.float32), np.arange(n)
+    lo, hi, mid = n // 8, n - 1 - n // 8, n // 2
+    if name == 'horizontal': a[mid - 1:mid + 1, lo:hi + 1] = 1
+    elif name == 'vertical': a[lo:hi + 1, mid - 1:mid + 1] = 1
+    elif name == 'diagonal': a[i[lo:hi + 1], i[lo:hi + 1]] = 1
+    elif name == 'antidiagonal': a[i[lo:hi + 1], n - 1 - i[lo:hi + 1]] = 1
+    elif name == 'square': a[lo:hi + 1, [lo, hi]] = 1; a[[lo, hi], lo:hi + 1] = 1
+    elif name == 'plus': a[mid, lo:hi + 1] = 1; a[lo:hi + 1, mid] = 1
+    return a
+
+def shapes_dataset(counts, img_size: int = 8, seed: int = 0, shift: int = 0, noise: float = 0.05) -> tuple[TensorDataset, Tensor]:
+    """`counts[j]` images (1, img_size, img_size) in [0, 1] of shape j (up to six: horizontal, vertical, diagonal, antidiagonal,
+    square, plus), of intensity U(0.6, 1), shifted by up to `shift` pixels (0: centred), with Gaussian pixel noise; and the true class distribution."""
+    counts = _check_counts(counts)
+    if not 1 <= len(counts) <= len(_SHAPES): raise ValueError(f"shapes_dataset has {len(_SHAPES)} classes: give 1 to {len(_SHAPES)} counts, got {len(counts)}")
+    if counts.sum() == 0: raise ValueError("counts must ask for at least one image")
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(len(counts)), counts)
+    base = np.stack([_shape(s, img_size) for s in _SHAPES[:len(counts)]])[y]
+    dy, dx = rng.integers(-shift, shift + 1, len(y)), rng.integers(-shift, shift + 1, len(y))
+    x = np.stack([np.roll(np.roll(b, a, 0), c, 1) for b, a, c in zip(base, dy, dx)])
+    x = x * rng.uniform(0.6, 1, (len(y), 1, 1)).astype(np.float32) + noise * rng.standard_normal(x.shape).astype(np.float32)
+    true_probs = torch.tensor(counts / counts.sum(), dtype=torch.float32)
+    return TensorDataset(torch.from_numpy(np.clip(x, 0, 1)[:, None]), torch.from_numpy(y)), true_probs

@@ -18,15 +18,20 @@ from ..data.imbalanced import identity_preserving
 from .base import GenerativeModel, eval_mode, batch_images, class_labels, config_variant, host_sync_free
 
 # %% auto #0
-__all__ = ['UniformInfoGANConfig', 'TruePriorInfoGANConfig', 'TruePriorTransInfoGANConfig', 'GumbelInfoGANConfig',
-           'GumbelTransInfoGANConfig', 'ElasticInfoGANConfig', 'ELASTIC_VARIANTS', 'info_loss', 'trans_loss_kl',
-           'posterior_entropy', 'entropy_loss', 'nt_xent', 'ElasticBaseConfig', 'ElasticInfoGAN']
+__all__ = ['PRIOR_TERMS', 'UniformInfoGANConfig', 'TruePriorInfoGANConfig', 'TruePriorTransInfoGANConfig', 'GumbelInfoGANConfig',
+           'GumbelTransInfoGANConfig', 'ElasticInfoGANConfig', 'ELASTIC_VARIANTS', 'info_loss', 'prior_fit_loss',
+           'trans_loss_kl', 'posterior_entropy', 'entropy_loss', 'nt_xent', 'parse_prior_terms', 'ElasticBaseConfig',
+           'ElasticInfoGAN']
 
 # %% ../../nbs/33_elastic.ipynb #7a9936d7
 def info_loss(q_logits: Tensor, c: Tensor) -> Tensor:
     "-E[log Q(c|x)] for images generated from codes `c` (one-hot or relaxed one-hot (B, k)): the L_1 term without H(c)."
     if q_logits.shape != c.shape: raise ValueError(f"q_logits {tuple(q_logits.shape)} and c {tuple(c.shape)} must have the same shape (B, k)")
     return F.cross_entropy(q_logits, c.argmax(-1))
+
+def prior_fit_loss(log_p: Tensor, q_mean: Tensor) -> Tensor:
+    "-sum_k q_k log p_k: the cross-entropy of the prior p to the mean posterior q of real images, minimised at p = q (an EM step for p)."
+    return -(q_mean * log_p).sum()
 
 def trans_loss_kl(logits_x: Tensor, logits_xp: Tensor) -> Tensor:
     "L_trans with d = KL(Q(c|x) || Q(c|x')), averaged over the batch (Eq. 2)."
@@ -55,6 +60,14 @@ def nt_xent(a: Tensor, b: Tensor, temperature: float = 1.0) -> Tensor:
 
 # %% ../../nbs/33_elastic.ipynb #061e14ba
 _PRIORS, _TRANS_LOSSES = ('uniform', 'true', 'gumbel'), ('kl', 'ntxent')
+PRIOR_TERMS = ('adv', 'info', 'entropy', 'real')   # the terms of L_GQ that may send gradient to a learned prior's logits
+
+def parse_prior_terms(text: str) -> frozenset[str]:
+    "'adv+info' -> {'adv', 'info'}: which terms of the G, Q, p loss the learned prior's logits are trained by."
+    terms = frozenset(t for t in text.replace(' ', '').split('+') if t)
+    if not terms or terms - set(PRIOR_TERMS):
+        raise ValueError(f"prior_terms must be terms among {', '.join(PRIOR_TERMS)} joined by '+', e.g. 'adv+info' (the paper's) or 'adv'; got {text!r}")
+    return terms
 
 @dataclass
 class ElasticBaseConfig:
@@ -68,6 +81,8 @@ class ElasticBaseConfig:
     z_dim: int = 62                # noise dimensions
     lr: float = 2e-4
     lr_prior: float = 2e-4         # learning rate of the prior's logits
+    prior_terms: str = 'adv+info'  # terms that train the prior: 'adv' (-log D), 'info' (L_1's -E log Q), 'entropy' (L_1's H(c)), 'real' (fit to Q's mean posterior on real images)
+    prior_warmup: int = 0          # iterations before the prior starts to learn (0: from the start)
     beta1: float = 0.5
     beta2: float = 0.999
     nt_temperature: float = 1.0    # temperature of NT-Xent (trans_loss='ntxent')
@@ -85,6 +100,8 @@ class ElasticBaseConfig:
         if self.z_dim < 1: raise ValueError(f"z_dim must be >= 1, got {self.z_dim}")
         if not (self.lr > 0 and self.lr_prior >= 0): raise ValueError(f"need lr > 0 and lr_prior >= 0, got {self.lr}, {self.lr_prior}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1): raise ValueError(f"beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
+        parse_prior_terms(self.prior_terms)
+        if self.prior_warmup < 0: raise ValueError(f"prior_warmup must be >= 0 iterations, got {self.prior_warmup}")
         if not self.nt_temperature > 0: raise ValueError(f"nt_temperature must be > 0, got {self.nt_temperature}")
         if self.rotation < 0 or not 0 <= self.zoom < 1 or self.distortion < 0:
             raise ValueError(f"delta needs rotation >= 0, 0 <= zoom < 1, distortion >= 0; got {self.rotation}, {self.zoom}, {self.distortion}")
@@ -122,6 +139,7 @@ class ElasticInfoGAN(GenerativeModel):
         self.Q = QHead(n_classes)
         self.prior = LearnablePrior(n_classes, true_probs if cfg.prior == 'true' else None)
         self.prior.logits.requires_grad_(cfg.prior == 'gumbel')
+        self.prior_terms = parse_prior_terms(cfg.prior_terms)
 
     @property
     def prior_probs(self) -> Tensor:
@@ -155,11 +173,17 @@ class ElasticInfoGAN(GenerativeModel):
         cfg = self.cfg
         x = batch_images(batch, self.image_shape)
         B = x.shape[0]
+        learn_prior = cfg.prior == 'gumbel' and ctx.step >= cfg.prior_warmup
+        # the paper's path: c into G, so both -log D and L_1 reach p; otherwise G reads a detached copy c_in of c and the
+        # selected terms' gradient with respect to c_in is handed to c below
+        split = learn_prior and self.prior_terms & {'adv', 'info'} != {'adv', 'info'}
         # 1. codes, noise, fakes
         with ctx.autocast():
             z = torch.randn(B, cfg.z_dim, device=x.device)
             c = self.sample_code(B)
-            x_fake = self.G(z, c)
+            if not learn_prior: c = c.detach()
+            c_in = c.detach().requires_grad_() if split else c
+            x_fake = self.G(z, c_in)
             # 2. D step
             L_D = d_loss(self.D(self.trunk(x)), self.D(self.trunk(x_fake.detach())))
         ctx.update('D', L_D)
@@ -169,6 +193,15 @@ class ElasticInfoGAN(GenerativeModel):
             L_G = g_loss(self.D(h_fake))
             L_1 = info_loss(self.Q(h_fake)[1], c)
             loss = L_G + cfg.lambda_1 * L_1
+            if split and self.prior_terms & {'adv', 'info'}:
+                L_p = (L_G if 'adv' in self.prior_terms else 0) + (cfg.lambda_1 * L_1 if 'info' in self.prior_terms else 0)
+                (g_c,) = torch.autograd.grad(L_p, c_in, retain_graph=True)
+                loss = loss + (g_c.detach() * c).sum()          # d/dlogits = g_c . dc/dlogits: the selected terms' gradient
+            if learn_prior and 'entropy' in self.prior_terms:   # L_1 = E log Q + H(c): -lambda_1 H(c) in the loss
+                loss = loss + cfg.lambda_1 * (self.prior.probs * self.prior.log_probs).sum()
+            if learn_prior and 'real' in self.prior_terms:      # cross-entropy of p to Q's mean posterior on the real batch
+                with torch.no_grad(): q_real = F.softmax(self.Q(self.trunk(x))[1], -1).mean(0)
+                loss = loss + prior_fit_loss(self.prior.log_probs, q_real)
             logs = {}
             if cfg.lambda_2 > 0 or cfg.lambda_3 > 0:
                 logs = self.q_losses(x)
