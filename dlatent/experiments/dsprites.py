@@ -20,12 +20,13 @@ from ..models.ibgan import (IBGAN, IBGANConfig, InfoGANConfig, GANConfig, estima
 from ..models.vae import VAE_CONFIGS, build_vae, latent_kl, plot_vae_traversals, plot_reconstructions, plot_latent_kl
 
 # %% auto #0
-__all__ = ['DSPRITES_DATASETS', 'DSPRITES_QUICK', 'DSPRITES_TRAIN', 'ColorIBGANConfig', 'ColorInfoGANConfig', 'ColorGANConfig',
-           'DSPRITES_MODELS', 'COLOR_DSPRITES_MODELS', 'VAE_TRAIN', 'VAE_QUICK', 'DSpritesVAEEvalConfig',
-           'DSpritesDataConfig', 'ColorDSpritesDataConfig', 'pool_images', 'dsprites_training_set', 'dsprites_factors',
-           'DSpritesData', 'build_dsprites_data', 'dsprites_representation_fn', 'factor_codes', 'mig_dci_scores',
-           'score_dsprites', 'score_ibgan', 'DSpritesEvalConfig', 'build_ibgan_model', 'evaluate_dsprites',
-           'dsprites_figures', 'build_vae_model', 'evaluate_vae', 'vae_figures']
+__all__ = ['DSPRITES_DATASETS', 'DSPRITES_QUICK', 'DSPRITES_QUICK16', 'DSPRITES_TRAIN', 'ColorIBGANConfig', 'ColorInfoGANConfig',
+           'ColorGANConfig', 'DSPRITES_MODELS', 'COLOR_DSPRITES_MODELS', 'VAE_TRAIN', 'VAE_QUICK',
+           'DSpritesVAEEvalConfig', 'DSpritesDataConfig', 'ColorDSpritesDataConfig', 'pool_images',
+           'dsprites_training_set', 'dsprites_factors', 'DSpritesData', 'build_dsprites_data',
+           'dsprites_representation_fn', 'factor_codes', 'mig_dci_scores', 'score_dsprites', 'score_ibgan',
+           'DSpritesEvalConfig', 'build_ibgan_model', 'evaluate_dsprites', 'dsprites_figures', 'build_vae_model',
+           'evaluate_vae', 'vae_figures']
 
 # %% ../../nbs/63_dsprites_experiments.ipynb #241bfe61
 DSPRITES_DATASETS = ('dsprites', 'color-dsprites')
@@ -189,6 +190,7 @@ def dsprites_figures(run):
 DSPRITES_QUICK = {'train.steps': 3000, 'train.eval_every': 1000, 'train.ckpt_every': 1000, 'train.log_every': 25,
          'model.ngf': 8, 'model.ndf': 8, 'model.lr_g': 2e-4, 'model.lr_d': 2e-5, 'model.noise_iters': 2000,
          'data.img_size': 32, 'data.n_train': 100_000, 'eval.fv_train': 1000, 'eval.fv_eval': 500, 'eval.fv_std': 5000}
+DSPRITES_QUICK16 = dict(DSPRITES_QUICK, **{'model.ngf': 16, 'model.ndf': 16})   # the quick setting at the paper's width
 DSPRITES_TRAIN = dict(steps=150_000, batch_size=64, log_every=100, ckpt_every=5000, eval_every=10_000)
 
 ColorIBGANConfig = config_variant(IBGANConfig, 'ColorIBGANConfig', "IB-GAN on Color-dSprites: beta 0.071, a 32-32 encoder (Table 5), "
@@ -213,7 +215,7 @@ for _prefix, _models, _data, _steps in (('dsprites', DSPRITES_MODELS, DSpritesDa
     for _name in _models:
         register(Experiment(f'{_prefix}-{_name}', _DESCRIPTIONS[f'{_prefix}-{_name}'], models=_models, default_model=_name,
                             data=_data, eval=DSpritesEvalConfig, build_data=build_dsprites_data, build_model=build_ibgan_model,
-                            evaluate=evaluate_dsprites, figures=dsprites_figures, train=dict(DSPRITES_TRAIN, steps=_steps), presets={'quick': DSPRITES_QUICK}))
+                            evaluate=evaluate_dsprites, figures=dsprites_figures, train=dict(DSPRITES_TRAIN, steps=_steps), presets={'quick': DSPRITES_QUICK, 'quick16': DSPRITES_QUICK16}))
 
 # %% ../../nbs/63_dsprites_experiments.ipynb #e3dfc584
 VAE_TRAIN = dict(steps=300_000, batch_size=64, log_every=100, ckpt_every=10_000, eval_every=50_000)
