@@ -21,7 +21,7 @@ from .objectives.distributions import validation
 
 # %% auto #0
 __all__ = ['TrainConfig', 'dist_info', 'init_distributed', 'is_main_process', 'to_channels_last', 'BatchStream', 'LoaderStream',
-           'StepContext', 'Trainable', 'check_trainable', 'History', 'plot_history', 'save_image_grid',
+           'GroupedStream', 'StepContext', 'Trainable', 'check_trainable', 'History', 'plot_history', 'save_image_grid',
            'NonFiniteLossError', 'CheckpointMismatchError', 'FitResult', 'Callback', 'optimizer_hparams',
            'state_dict_mismatch', 'check_checkpoint', 'find_nonfinite', 'default_callbacks', 'Trainer', 'fit',
            'ProgressBar', 'HistoryCSV', 'Checkpointer', 'Evaluator', 'SampleGrid', 'TensorBoardLogger',
@@ -176,6 +176,27 @@ class LoaderStream:
                 if i >= skip: yield _to_device(b, self.device, non_blocking=self.device.type == 'cuda')
             epoch, skip = epoch + 1, 0
 
+class GroupedStream:
+    """A stream whose every step is a list of `k` consecutive batches of `stream`: for a model whose one iteration draws
+    several batches (`batches_per_step`, e.g. a fresh batch for each of several inner updates). An epoch is
+    `stream.steps_per_epoch // k` steps; the epoch's last `stream.steps_per_epoch % k` batches are skipped (as a last partial
+    batch is), so that epochs stay aligned with passes over the data. Resumes exactly at any step."""
+    def __init__(self, stream, k: int):
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1: raise ValueError(f"batches_per_step must be an int >= 1, got {k!r}")
+        if stream.steps_per_epoch < k:
+            raise ValueError(f"the model draws {k} batches per step but one pass over the data holds only {stream.steps_per_epoch}; "
+                             f"lower train.batch_size (to at most 1/{k} of the data each process sees)")
+        self.stream, self.k, self.steps_per_epoch = stream, k, stream.steps_per_epoch // k
+    def from_step(self, step: int) -> Iterator:
+        epoch, j = divmod(step, self.steps_per_epoch)
+        base = self.stream.steps_per_epoch
+        it = self.stream.from_step(epoch * base + j * self.k)
+        while True:
+            for _ in range(j, self.steps_per_epoch): yield [next(it) for _ in range(self.k)]
+            for _ in range(base - self.steps_per_epoch * self.k): next(it)      # the epoch's remainder
+            j = 0
+
+
 # %% ../nbs/50_train.ipynb #031ad259
 class StepContext:
     "What a model's `train_step` may use: the step counters, autocast, and `update`."
@@ -208,7 +229,8 @@ class StepContext:
 class Trainable(Protocol):
     """What `fit` needs from a model: an `nn.Module` with these two methods. Nothing to subclass; optionally also
     `configure_schedulers(optimizers, steps_per_epoch) -> {name: scheduler}` (stepped after every iteration; default none)
-    and `compile_networks()` (what `TrainConfig.compile` does; default: `torch.compile` each child module)."""
+    `compile_networks()` (what `TrainConfig.compile` does; default: `torch.compile` each child module) and `batches_per_step`
+    (default 1; with k > 1 `train_step` receives a list of k batches)."""
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         "Named optimizers, e.g. {'G': Adam(...), 'D': Adam(...)}."
         ...
@@ -458,6 +480,8 @@ class Trainer:
         self.hparams = optimizer_hparams(self.optimizers)   # as configured now, before any schedule changes them
         if isinstance(self.data, torch.utils.data.DataLoader): self.stream = LoaderStream(self.data, self.device)  # its own batch size
         else: self.stream = BatchStream(self.data, cfg.batch_size // self.world, self.device, seed=cfg.seed, num_workers=cfg.num_workers)
+        k = getattr(self.model, 'batches_per_step', 1)     # a model whose one step draws several batches gets them as a list
+        if k != 1: self.stream = GroupedStream(self.stream, k)
         self.schedulers = _configure_schedulers(self.model, self.optimizers, self.stream.steps_per_epoch)
         self.scaler = torch.amp.GradScaler('cuda') if self.dtype == torch.float16 and self.device.type == 'cuda' else None
         self.total = cfg.steps or cfg.epochs * self.stream.steps_per_epoch

@@ -236,7 +236,7 @@ def test_engine_runs_a_few_steps():
 
 
 def test_moons_experiment_snapshots_metrics_and_resume(tmp_path):
-    small = ['data.n_per_class=64', 'train.batch_size=64', 'eval.snapshots=1,3', 'eval.n_gen=50']
+    small = ['data.n_per_class=64', 'train.batch_size=16', 'eval.snapshots=1,3', 'eval.n_gen=50']
     rd, m = run_experiment('moons', small + ['train.epochs=2'], out=tmp_path / 'dvae')
     assert sorted(load_snapshots(rd)) == [1]
     assert {'gm_posterior_acc', 'zs_probe_acc', 'zu_probe_acc', 'bayes_acc', 'energy', 'y_std_ratio'} <= set(m)

@@ -227,7 +227,7 @@ def test_damaged_snapshots_file_is_one_line(tmp_path, capsys):
     "A run file read by an experiment's figures (moons' snapshots.pt) is verified too."
     d = tmp_path / 'moons'
     argv = ['train', 'moons', '--out', str(d), '--set', 'train.steps=3', 'data.n_per_class=20', 'eval.n_gen=4',
-            'eval.snapshots=1', 'train.batch_size=16']
+            'eval.snapshots=1', 'train.batch_size=8']
     assert main(argv) == 0
     capsys.readouterr()
     damage(d / 'snapshots.pt', 'truncated')
@@ -268,7 +268,7 @@ def test_resume_refuses_settings_that_fix_the_data_and_networks(run_dir, capsys,
 def test_resume_refuses_another_model(tmp_path, capsys):
     d = tmp_path / 'moons'
     assert main(['train', 'moons', '--out', str(d), '--set', 'train.steps=2', 'data.n_per_class=20', 'eval.n_gen=4',
-                 'eval.snapshots=1', 'train.batch_size=16']) == 0
+                 'eval.snapshots=1', 'train.batch_size=8']) == 0
     capsys.readouterr()
     assert main(['train', 'moons', '--resume', '--out', str(d), '--set', 'model.name=cvae']) == 2
     assert "model.name 'dvae' -> 'cvae'" in one_line(capsys)
@@ -302,7 +302,7 @@ def test_unchanged_resume_stays_bitwise_exact(tmp_path):
 def test_moons_divergence_stops_with_the_loss_and_step(tmp_path, capsys, lr):
     d = tmp_path / 'run'
     assert main(['train', 'moons', '--out', str(d), '--set', f'model.lr={lr}', 'train.steps=40', 'train.ckpt_every=1',
-                 'data.n_per_class=50', 'train.batch_size=32', 'eval.n_gen=4', 'eval.snapshots=1']) == 1
+                 'data.n_per_class=50', 'train.batch_size=8', 'eval.n_gen=4', 'eval.snapshots=1']) == 1
     err = one_line(capsys)
     assert err.startswith('dlatent: training stopped: ') and ' became ' in err and (' at step ' in err or ' by step ' in err)
     if (d / 'checkpoint.pt').exists():                          # the kept checkpoint holds only finite numbers

@@ -233,15 +233,15 @@ def cross_synthesis_scores(model, x_s: Tensor, y_s: Tensor, x_u: Tensor, y_u: Te
     return out, dict(follows_zs=fs, follows_zu=fu)
 
 # %% ../../nbs/62_images_experiments.ipynb #cece5057
-_PAPER_ADAM = dict(weights='paper', beta1=0.5, beta2=0.999)       # the printed weights, Adam (0.5, 0.999)
-DigitsDVAEConfig = config_variant(DVAEConfig, 'DigitsDVAEConfig', "The DVAE on 8x8 digits: codes of 8 + 8 dimensions, the printed "
+_PAPER_ADAM = dict(beta1=0.5, beta2=0.999)       # Adam (0.5, 0.999) of Sec. 4.2; the weights are the models' default, the authors' code's
+DigitsDVAEConfig = config_variant(DVAEConfig, 'DigitsDVAEConfig', "The DVAE on 8x8 digits: codes of 8 + 8 dimensions, the authors' "
                                   "weights, Adam (0.5, 0.999), the GM decay after 20 epochs.", z_s_dim=8, z_u_dim=8, gm_decay_epochs=20.0, **_PAPER_ADAM)
 MnistDVAEConfig = config_variant(DigitsDVAEConfig, 'MnistDVAEConfig', "The DVAE on MNIST: codes of 16 + 16 dimensions, the GM decay "
                                  "after 2 epochs (B.4).", z_s_dim=16, z_u_dim=16, gm_decay_epochs=2.0)
-DigitsCVAEGANConfig = config_variant(CVAEGANConfig, 'DigitsCVAEGANConfig', "The cVAE-GAN on 8x8 digits: z of 16 dimensions, the printed "
+DigitsCVAEGANConfig = config_variant(CVAEGANConfig, 'DigitsCVAEGANConfig', "The cVAE-GAN on 8x8 digits: z of 16 dimensions, the authors' "
                                      "weights, Adam (0.5, 0.999).", z_dim=16, **_PAPER_ADAM)
 MnistCVAEGANConfig = config_variant(DigitsCVAEGANConfig, 'MnistCVAEGANConfig', "The cVAE-GAN on MNIST: z of 32 dimensions.", z_dim=32)
-DigitsCVAEConfig = config_variant(CVAEConfig, 'DigitsCVAEConfig', "The cVAE on 8x8 digits: z of 16 dimensions, the printed weights, "
+DigitsCVAEConfig = config_variant(CVAEConfig, 'DigitsCVAEConfig', "The cVAE on 8x8 digits: z of 16 dimensions, the authors' weights, "
                                   "Adam (0.5, 0.999).", z_dim=16, **_PAPER_ADAM)
 MnistCVAEConfig = config_variant(DigitsCVAEConfig, 'MnistCVAEConfig', "The cVAE on MNIST: z of 32 dimensions.", z_dim=32)
 DigitsCGANConfig = config_variant(CGANConfig, 'DigitsCGANConfig', "The cGAN on 8x8 digits: z of 16 dimensions.", z_dim=16)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
-from ..data.core import three_moons, moons_bayes_accuracy
+from ..data.core import three_moons, moons_bayes_accuracy, MOON_CENTERS
 from ..models.base import eval_mode
 from ..models.dvae import DVAEConfig, CVAEGANConfig, CVAEConfig, MLP_MODELS
 from ..objectives.distributions import reparameterize
@@ -22,9 +22,9 @@ from ..train import Callback, plot_history
 from .core import Experiment, register
 
 # %% auto #0
-__all__ = ['COLORS', 'moons', 'MoonsData', 'MoonsSplits', 'moons_data', 'build_moons_model', 'moons_metrics', 'evaluate_moons',
-           'plot_points', 'moons_samples', 'plot_snapshots', 'parse_snapshots', 'MoonsEval', 'EpochSnapshots',
-           'load_snapshots', 'moons_figures']
+__all__ = ['COLORS', 'moons', 'MoonsData', 'MoonsSplits', 'moons_data', 'build_moons_model', 'arc_angle', 'heldout_r2',
+           'spearman', 'coverage', 'moons_metrics', 'evaluate_moons', 'plot_points', 'moons_samples', 'plot_snapshots',
+           'parse_snapshots', 'MoonsEval', 'EpochSnapshots', 'load_snapshots', 'moons_figures']
 
 # %% ../../nbs/61_moons_experiments.ipynb #8aa8c364
 @dataclass
@@ -61,6 +61,45 @@ def build_moons_model(cfg, data: MoonsSplits):
 # %% ../../nbs/61_moons_experiments.ipynb #1ba2e67e
 _BAYES: dict = {}
 
+def arc_angle(x: Tensor, c: Tensor, centers=MOON_CENTERS) -> Tensor:
+    "The angle (radians, about [0, pi]) of each point x (n, 2) on the circle of its class c (n,): atan2(x_2, x_1 - m_c)."
+    t = torch.atan2(x[:, 1], x[:, 0] - torch.as_tensor(centers, dtype=x.dtype)[c])
+    return torch.where(t < -torch.pi / 2, t + 2 * torch.pi, t)        # points just below the left end stay near pi
+
+def _quadratic(z: Tensor) -> Tensor:
+    "Features 1, z_i, z_i z_j (i <= j) of codes z (n, d)."
+    i, j = torch.triu_indices(z.shape[1], z.shape[1])
+    return torch.cat([torch.ones(len(z), 1, dtype=z.dtype), z, z[:, i] * z[:, j]], 1)
+
+def heldout_r2(z: Tensor, t: Tensor, z_test: Tensor, t_test: Tensor) -> float:
+    "Held-out R^2 of the target t regressed on codes z with quadratic features (least squares on (z, t), scored on the test pair)."
+    z, z_test, t, t_test = z.double(), z_test.double(), t.double(), t_test.double()
+    mean, std = z.mean(0), z.std(0) + 1e-8
+    coef = torch.linalg.lstsq(_quadratic((z - mean) / std), t[:, None]).solution
+    pred = (_quadratic((z_test - mean) / std) @ coef)[:, 0]
+    return (1 - ((t_test - pred) ** 2).sum() / ((t_test - t_test.mean()) ** 2).sum()).item()
+
+def spearman(a: Tensor, b: Tensor) -> float:
+    "Spearman's rank correlation of two 1-D samples (no ties expected)."
+    ra, rb = (v.argsort().argsort().double() for v in (a, b))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return (ra @ rb / (ra.norm() * rb.norm() + 1e-12)).item()
+
+def coverage(real: Tensor, generated: Tensor, k: int = 5) -> float:
+    "Fraction of real points whose ball to their k-th nearest real neighbour holds a generated point (Naeem et al. 2020)."
+    radius = torch.cdist(real, real).kthvalue(k + 1, dim=1).values          # k + 1: the point itself is at distance 0
+    return (torch.cdist(real, generated).min(1).values < radius).float().mean().item()
+
+def _span(t: Tensor) -> float: return (t.quantile(0.95) - t.quantile(0.05)).item()
+
+def _traversal(model, c: int, codes_c: Tensor, steps: int = 41) -> Tensor:
+    "Outputs along the first principal direction of the class's label-irrelevant codes, a in [-2, 2]: z_s = mu_c fixed (DVAE), or label c."
+    v = torch.linalg.svd(codes_c - codes_c.mean(0), full_matrices=False).Vh[0]
+    z = torch.linspace(-2, 2, steps)[:, None] * v.to(codes_c.dtype)
+    dev = model.device
+    if hasattr(model, 'prior'): return model.decode(model.prior.mu[c:c + 1].expand(steps, -1), z.to(dev)).cpu()
+    return model.decode(z.to(dev), torch.full((steps,), c, device=dev)).cpu()
+
 def moons_metrics(model, data: MoonsSplits, noise: float = 0.15, seed: int = 0, n_gen: int = 1000) -> dict:
     "The measures listed above, for a trained DVAE, cVAE-GAN or cVAE (on the model's device; random draws from `seed`)."
     dev = model.device
@@ -79,18 +118,33 @@ def moons_metrics(model, data: MoonsSplits, noise: float = 0.15, seed: int = 0, 
         if noise not in _BAYES: _BAYES[noise] = moons_bayes_accuracy(n=6000, noise=noise)
         out['bayes_acc'] = _BAYES[noise]
         out['zu_probe_acc'] = probe_accuracy(z_u, y, z_u_t, yt, n_classes)
-        ratios, energies = [], []
+        # (b) the position on the arc in each code, and a traversal of the label-irrelevant code
+        mu_u, mu_u_t = model.gaussian_posterior(*on_dev(x, y))[0].cpu(), model.gaussian_posterior(*on_dev(xt, yt))[0].cpu()
+        ang, ang_t = arc_angle(x, y), arc_angle(xt, yt)
+        r2u, r2s, rho, span = [], [], [], []
+        for c in range(n_classes):
+            m, mt = y == c, yt == c
+            r2u.append(heldout_r2(mu_u[m], ang[m], mu_u_t[mt], ang_t[mt]))
+            if 'z_s' in codes: r2s.append(heldout_r2(codes['z_s'].cpu()[m], ang[m], codes_t['z_s'].cpu()[mt], ang_t[mt]))
+            path = _traversal(model, c, mu_u[m])
+            a = arc_angle(path, torch.full((len(path),), c))
+            rho.append(abs(spearman(torch.arange(len(a)).double(), a))); span.append(_span(a) / _span(ang_t[mt]))
+        out['zu_angle_r2'], out['zu_traversal_rho'], out['zu_traversal_span'] = float(np.mean(r2u)), float(np.mean(rho)), float(np.mean(span))
+        if r2s: out['zs_angle_r2'] = float(np.mean(r2s))
+        # (c) the samples of each class against its real points
+        ratios, energies, covers = [], [], []
         for c in range(n_classes):
             xg, xr = model.sample(n_gen, torch.full((n_gen,), c), generator=gen).cpu(), xt[yt == c]
-            ratios.append((xg[:, 1].std() / xr[:, 1].std()).item()); energies.append(energy_distance(xg, xr))
-            out[f'y_std_ratio_c{c}'], out[f'energy_c{c}'] = ratios[-1], energies[-1]
-    out['y_std_ratio'], out['energy'] = float(np.mean(ratios)), float(np.mean(energies))
+            ratios.append((xg[:, 1].std() / xr[:, 1].std()).item()); energies.append(energy_distance(xg, xr)); covers.append(coverage(xr, xg))
+            out[f'y_std_ratio_c{c}'], out[f'energy_c{c}'], out[f'coverage_c{c}'] = ratios[-1], energies[-1], covers[-1]
+    out['y_std_ratio'], out['energy'], out['coverage'] = float(np.mean(ratios)), float(np.mean(energies)), float(np.mean(covers))
     return out
 
 def evaluate_moons(run) -> dict:
     "The moons measures of a run's model."
     cfg = run.config
     return moons_metrics(run.model, run.data, cfg.data.noise, cfg.train.seed, cfg.eval.n_gen)
+
 
 # %% ../../nbs/61_moons_experiments.ipynb #edfd83e4
 COLORS = ('tab:green', 'tab:red', 'tab:blue')
@@ -108,14 +162,17 @@ def moons_samples(model, n_per_class: int = 300, seed: int = 0, n_classes: int =
     c = torch.arange(n_classes).repeat_interleave(n_per_class)
     return model.sample(len(c), c, generator=g).cpu(), c
 
-def plot_snapshots(snaps: dict, x_real: Tensor, title: str = ''):
-    "Fig. 2: generated points (coloured) over the real ones (grey) at several epochs."
+def plot_snapshots(snaps: dict, x_real: Tensor, title: str = '', axes=None):
+    "Fig. 2: generated points (coloured by class) over the held-out real ones (grey) at several epochs, with axes and a legend."
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(snaps), figsize=(2.6 * len(snaps), 1.9), squeeze=False)
-    for ax, (ep, (xg, c)) in zip(axes[0], snaps.items()):
-        ax.scatter(x_real[:, 0], x_real[:, 1], s=2, color='0.8')
-        plot_points(ax, xg, c, f'{title} epoch {ep}', alpha=0.6, s=2)
-        ax.set_xticks([]); ax.set_yticks([])
+    if axes is None: fig, axes = plt.subplots(1, len(snaps), figsize=(2.9 * len(snaps), 2.2), squeeze=False); axes = axes[0]
+    else: fig = axes[0].figure
+    for i, (ax, (ep, (xg, c))) in enumerate(zip(axes, sorted(snaps.items()))):
+        ax.scatter(x_real[:, 0], x_real[:, 1], s=2, color='0.8', label='real (held out)')
+        plot_points(ax, xg, c, f'{title} epoch {ep}'.strip(), alpha=0.6, s=2)
+        ax.set_xlabel('$x_1$ (label-relevant)', fontsize=8); ax.tick_params(labelsize=7)
+        if i == 0: ax.set_ylabel('$x_2$ (label-irrelevant)', fontsize=8)
+    axes[len(snaps) - 1].legend(fontsize=6, markerscale=3, loc='upper right')
     fig.tight_layout()
     return fig
 
@@ -182,4 +239,4 @@ moons = register(Experiment(
     models={'dvae': DVAEConfig, 'cvaegan': CVAEGANConfig, 'cvae': CVAEConfig}, data=MoonsData, eval=MoonsEval,
     build_data=moons_data, build_model=build_moons_model, evaluate=evaluate_moons, figures=moons_figures,
     callbacks=_snapshot_callbacks,
-    train=dict(epochs=50, batch_size=128, threads=1, progress=False)))
+    train=dict(epochs=50, batch_size=32, threads=1, progress=False)))

@@ -26,12 +26,18 @@ __all__ = ['WEIGHTS', 'CONFIGS', 'MLP_MODELS', 'IMAGE_MODELS', 'dvae_weights', '
 # %% ../../nbs/31_dvae.ipynb #e1b21354
 WEIGHTS = ('paper', 'code')
 
-def dvae_weights(weights: str, n_pixel: int, n_zu: int) -> tuple[float, float]:
-    "(lambda_kl, lambda_rec) of paper 1: 'paper' = (10/N_pixel, 1/N_zu) as printed; 'code' = (1/N_zu, 10/N_pixel) as in the authors' code."
-    if weights == 'paper': return 10 / n_pixel, 1 / n_zu
-    if weights == 'code': return 1 / n_zu, 10 / n_pixel
+def dvae_weights(weights: str, n_pixel: int, n_z: int, lambda_lkd: float = 0.1) -> dict[str, float]:
+    """The weights of Algorithm 1's updates, with L_rec = 1/2 sum of squares over the `n_pixel` values and L_kl summed over the
+    `n_z` code dimensions: Encoder^u (phi) on L_E^adv + kl * L_kl + rec * L_rec, Encoder^s (psi) on rec_psi * L_rec +
+    lkd_psi * L_lkd, the decoder (theta) on rec_theta * L_rec + L_GD^adv. 'paper': as printed (Sec. 4.2, Algorithm 1);
+    'code': as in the authors' code (10 x the mean squared error in all three updates, the KL averaged over dimensions)."""
+    if weights == 'paper': return dict(kl=10 / n_pixel, rec=1 / n_z, rec_psi=1.0, lkd_psi=lambda_lkd, rec_theta=1.0)
+    if weights == 'code':
+        rec = 20 / n_pixel                     # 10 * mean((x - x')^2) = (20 / N_pixel) * 1/2 sum (x - x')^2
+        return dict(kl=1 / n_z, rec=rec, rec_psi=rec, lkd_psi=10 * lambda_lkd, rec_theta=rec)
     raise ValueError(f"weights must be 'paper' (lambda_kl=10/N_pixel, lambda_rec=1/N_zu, as printed) or 'code' "
-                     f"(lambda_kl=1/N_zu, lambda_rec=10/N_pixel, as in the authors' code), got {weights!r}")
+                     f"(10 x the mean squared error in every update and the KL averaged over dimensions, as in the authors' code), got {weights!r}")
+
 
 # %% ../../nbs/31_dvae.ipynb #4ead7bd3
 def _validate(cfg):
@@ -45,8 +51,9 @@ def _validate(cfg):
     if has('n_gm') and (isinstance(cfg.n_gm, bool) or not isinstance(cfg.n_gm, int) or cfg.n_gm < 0):
         bad('n_gm', 'an int >= 0 (GM steps per iteration)')
     if has('weights') and cfg.weights not in WEIGHTS:
-        bad('weights', "'paper' (lambda_kl=10/N_pixel, lambda_rec=1/N_zu, as printed) or 'code' (swapped, as in the authors' code)")
-    for key in ('lambda_kl', 'lambda_rec'):
+        bad('weights', "'paper' (the weights as printed) or 'code' (those of the authors' code)")
+    if has('fresh_batches') and not isinstance(cfg.fresh_batches, bool): bad('fresh_batches', 'True or False')
+    for key in ('lambda_kl', 'lambda_rec', 'lambda_rec_psi', 'lambda_lkd_psi', 'lambda_rec_theta'):
         if has(key) and getattr(cfg, key) is not None and not 0 <= getattr(cfg, key) < math.inf: bad(key, 'None (from `weights`) or a finite number >= 0')
     for key in ('lambda_lkd', 'alpha', 'gm_decay_epochs'):
         if has(key) and not 0 <= getattr(cfg, key) < math.inf: bad(key, 'a finite number >= 0' + (' (to never decay, set gm_decay=1)' if key == 'gm_decay_epochs' else ''))
@@ -65,11 +72,15 @@ class DVAEConfig:
     "Paper 1's DVAE (Algorithm 1): code sizes, loss weights, the GM stage and Adam; the defaults of the authors' code."
     z_s_dim: int = 2               # label-relevant code
     z_u_dim: int = 2               # label-irrelevant code
-    weights: str = 'code'          # 'code' (lambda_kl=1/N_zu, lambda_rec=10/N_pixel) | 'paper' (as printed, swapped)
-    lambda_kl: float | None = None   # overrides `weights`
-    lambda_rec: float | None = None  # overrides `weights`
-    lambda_lkd: float = 0.1
+    weights: str = 'code'          # 'code' (the authors' code) | 'paper' (as printed): see `dvae_weights`
+    lambda_kl: float | None = None   # Encoder^u's weight of L_kl; None: from `weights`
+    lambda_rec: float | None = None  # Encoder^u's weight of L_rec; None: from `weights`
+    lambda_rec_psi: float | None = None    # Encoder^s's weight of L_rec; None: from `weights`
+    lambda_lkd_psi: float | None = None    # Encoder^s's weight of L_lkd; None: from `weights`
+    lambda_rec_theta: float | None = None  # the decoder's weight of L_rec; None: from `weights`
+    lambda_lkd: float = 0.1        # the GM stage's weight of L_lkd (Eq. 9)
     n_gm: int = 3                  # GM steps per iteration (Algorithm 1, lines 2-9)
+    fresh_batches: bool = True     # each GM step (line 3) and stage 2 (line 10) on its own batch; False: one batch for all
     lr: float = 5e-4
     beta1: float = 0.0             # Adam's betas of the authors' code
     beta2: float = 0.9
@@ -86,9 +97,10 @@ class DVAEConfig:
 class CVAEConfig:
     "The conditional VAE (Sohn et al. 2015): one code z, the loss weights as the DVAE's, Adam."
     z_dim: int = 4                 # as large as the DVAE's z_s and z_u together
-    weights: str = 'code'
-    lambda_kl: float | None = None
-    lambda_rec: float | None = None
+    weights: str = 'code'          # the encoder as the DVAE's Encoder^u, the decoder as its decoder (`dvae_weights`)
+    lambda_kl: float | None = None   # the encoder's weight of L_kl; None: from `weights`
+    lambda_rec: float | None = None  # the encoder's weight of L_rec; None: from `weights`
+    lambda_rec_theta: float | None = None  # the decoder's weight of L_rec; None: from `weights`
     lr: float = 5e-4
     beta1: float = 0.0
     beta2: float = 0.9
@@ -121,10 +133,12 @@ def _check_n_classes(n_classes):
     if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 1:
         raise ValueError(f"n_classes must be a positive int, got {n_classes!r}")
 
-def _loss_weights(config, x_shape: tuple, n_z: int) -> tuple[float, float]:
-    "(lambda_kl, lambda_rec): as `config.weights` says for N_pixel = prod(x_shape) and N_z = n_z, unless set explicitly."
-    lkl, lrec = dvae_weights(config.weights, math.prod(x_shape), n_z)
-    return (lkl if config.lambda_kl is None else config.lambda_kl, lrec if config.lambda_rec is None else config.lambda_rec)
+_OVERRIDES = dict(kl='lambda_kl', rec='lambda_rec', rec_psi='lambda_rec_psi', lkd_psi='lambda_lkd_psi', rec_theta='lambda_rec_theta')
+
+def _loss_weights(config, x_shape: tuple, n_z: int) -> dict[str, float]:
+    "The weights of `dvae_weights` for `config.weights`, N_pixel = prod(x_shape) and N_z = n_z, each unless the config sets it."
+    w = dvae_weights(config.weights, math.prod(x_shape), n_z, getattr(config, 'lambda_lkd', 0.1))
+    return {k: v if getattr(config, _OVERRIDES[k], None) is None else float(getattr(config, _OVERRIDES[k])) for k, v in w.items()}
 
 def _check_code(z: Tensor, dim: int, name: str) -> Tensor:
     if z.dim() != 2 or z.shape[1] != dim: raise ValueError(f"{name} must have shape (n, {dim}), got {tuple(z.shape)}")
@@ -143,7 +157,8 @@ class DVAE(GenerativeModel):
         self.enc_s, self.enc_u, self.dec, self.adv_cls, self.disc = enc_s, enc_u, dec, adv_cls, disc
         self.prior = GaussianMixturePrior(n_classes, config.z_s_dim, init_scale=config.gm_init_scale)
         self.n_classes, self.z_s_dim, self.z_u_dim, self.x_shape = n_classes, config.z_s_dim, config.z_u_dim, tuple(x_shape)
-        self.lambda_kl, self.lambda_rec = _loss_weights(config, self.x_shape, self.z_u_dim)
+        self.loss_weights = _loss_weights(config, self.x_shape, self.z_u_dim)
+        self.lambda_kl, self.lambda_rec = self.loss_weights['kl'], self.loss_weights['rec']
         self.semi_supervised = config.semi_supervised      # train_semi_supervised switches it on for fine-tuning
 
     # -- the networks ----------------------------------------------------------------------------------
@@ -204,24 +219,47 @@ class DVAE(GenerativeModel):
         keep = decay if c.gm_decay_on == 'all' else (lambda step: 1.0)
         return {'gm': torch.optim.lr_scheduler.LambdaLR(optimizers['gm'], [keep, decay])}
 
+    @property
+    def batches_per_step(self) -> int:
+        "How many batches one iteration of Algorithm 1 draws: one per GM step (line 3) and one for stage 2 (line 10)."
+        return self.config.n_gm + 1 if self.config.fresh_batches else 1
+
+    def step_batches(self, batch, ctx=None) -> list[tuple[Tensor, Tensor]]:
+        """The n_gm + 1 pairs (x, y) of one iteration, those of the GM steps and then that of stage 2, from a list of
+        `batches_per_step` pairs (what the engine hands it), or from one pair, which then serves every step (a direct call
+        cannot draw more data)."""
+        semi, n, c = self.semi_supervised, self.batches_per_step, self.config
+        if isinstance(batch, (list, tuple)) and len(batch) and all(isinstance(b, (list, tuple)) for b in batch):
+            if len(batch) != n:
+                raise ValueError(f"a list of batches must hold batches_per_step={n} pairs (x, y) (n_gm={c.n_gm} GM steps and "
+                                 f"stage 2{'' if c.fresh_batches else ', or one with fresh_batches=False'}), got {len(batch)}")
+            parts = [split_batch(b, self.n_classes, allow_unlabeled=semi, ctx=ctx) for b in batch]
+            return parts if n == c.n_gm + 1 else parts * (c.n_gm + 1)
+        return [split_batch(batch, self.n_classes, allow_unlabeled=semi, ctx=ctx)] * (c.n_gm + 1)
+
     @host_sync_free
     def train_step(self, batch, ctx):
-        "One iteration of Algorithm 1."
-        c, semi = self.config, self.semi_supervised
-        x, y = split_batch(batch, self.n_classes, allow_unlabeled=semi, ctx=ctx)         # lines 3, 10: sample {x, y}
+        "One iteration of Algorithm 1: each of the n_gm GM steps on its own batch, then stage 2 on another (see `step_batches`)."
+        c, semi, w = self.config, self.semi_supervised, self.loss_weights
+        batches = self.step_batches(batch, ctx)
+        mu_c, logvar_c = self.prior.mu, self.prior.logvar
+        # -- stage 1: lines 2-9 -------------------------------------------------------------------------
+        L_GM = mu_c.new_zeros(())
+        for xg, yg in batches[:-1]:                                                            # line 3: sample {x, y}
+            if semi:          # the labeled rows only; picking them out reads their number on the host
+                keep = yg >= 0
+                if not bool(keep.any()): continue
+                xg, yg = xg[keep], yg[keep]
+            with ctx.autocast(): z_s = self.encode_s(xg)                                       # line 4
+            L_cls, L_lkd = gm_losses(z_s.float(), yg, mu_c, logvar_c, c.alpha)                # line 5
+            L_GM = (L_cls + c.lambda_lkd * L_lkd).mean()
+            ctx.update('gm', L_GM)                                                             # lines 6-8
+        # -- stage 2: lines 10-24 -----------------------------------------------------------------------
+        x, y = batches[-1]                                                                     # line 10: sample {x, y}
         # the labeled rows: all of them unless semi-supervised, where picking them out reads their number on the host
         lab = y >= 0 if semi else None
         labeled = (lambda t: t[lab]) if semi else (lambda t: t)
         yl, any_lab = y.clamp(min=0), bool(lab.any()) if semi else len(y) > 0
-        mu_c, logvar_c = self.prior.mu, self.prior.logvar
-        # -- stage 1: lines 2-9 -------------------------------------------------------------------------
-        L_GM = x.new_zeros(())
-        for _ in range(c.n_gm if any_lab else 0):
-            with ctx.autocast(): z_s = self.encode_s(labeled(x))                              # line 4
-            L_cls, L_lkd = gm_losses(z_s.float(), labeled(y), mu_c, logvar_c, c.alpha)        # line 5
-            L_GM = (L_cls + c.lambda_lkd * L_lkd).mean()
-            ctx.update('gm', L_GM)                                                             # lines 6-8
-        # -- stage 2: lines 11-24 -----------------------------------------------------------------------
         with ctx.autocast():
             z_s, mu_u, logvar_u = self.encode(x)                                              # lines 11, 17
             z_s, mu_u, logvar_u = z_s.float(), mu_u.float(), logvar_u.float()
@@ -243,11 +281,11 @@ class DVAE(GenerativeModel):
         m = lab if semi else None
         rec, lkd = L_rec.mean(), L_lkd.mean()
         # -- the five updates: lines 25-29 --------------------------------------------------------------
-        ctx.update('psi', rec + c.lambda_lkd * lkd, retain_graph=True)                                  # line 25
-        ctx.update('phi', masked_mean(L_E_adv, m) + self.lambda_kl * L_kl.mean() + self.lambda_rec * rec,
+        ctx.update('psi', w['rec_psi'] * rec + w['lkd_psi'] * lkd, retain_graph=True)                  # line 25
+        ctx.update('phi', masked_mean(L_E_adv, m) + w['kl'] * L_kl.mean() + w['rec'] * rec,
                    retain_graph=True)                                                                  # line 26
         if any_lab: ctx.update('omega', masked_mean(L_C_adv, m), retain_graph=True)                    # line 27
-        ctx.update('theta', rec + (L_GD_adv.mean() if any_lab else 0), retain_graph=any_lab)            # line 28
+        ctx.update('theta', w['rec_theta'] * rec + (L_GD_adv.mean() if any_lab else 0), retain_graph=any_lab)   # line 28
         if any_lab: ctx.update('theta_d', L_D_adv.mean())                                              # line 29
         zero = x.new_zeros(())
         return dict(L_GM=L_GM.detach(), L_rec=rec, L_lkd=lkd, L_kl=L_kl.mean(), L_E_adv=masked_mean(L_E_adv, m),
@@ -362,7 +400,8 @@ class CVAE(GenerativeModel):
         _check_n_classes(n_classes)
         self.config, self.enc, self.dec = config, enc, dec
         self.n_classes, self.z_dim, self.x_shape = n_classes, config.z_dim, tuple(x_shape)
-        self.lambda_kl, self.lambda_rec = _loss_weights(config, self.x_shape, self.z_dim)
+        self.loss_weights = _loss_weights(config, self.x_shape, self.z_dim)
+        self.lambda_kl, self.lambda_rec = self.loss_weights['kl'], self.loss_weights['rec']
 
     def encode(self, x: Tensor, c: Tensor, check: bool = True) -> tuple[Tensor, Tensor]:
         "(mu, logvar) of q(z | x, c); `check=False` skips reading the label values (the training step has checked them)."
@@ -403,12 +442,12 @@ class CVAE(GenerativeModel):
 
     @host_sync_free
     def train_step(self, batch, ctx):
-        "The encoder on lambda_kl L_kl + lambda_rec L_rec, then the decoder on L_rec."
+        "The encoder on lambda_kl L_kl + lambda_rec L_rec, then the decoder on lambda_rec_theta L_rec."
         x, y = split_batch(batch, self.n_classes, ctx=ctx)
         L_kl, _, L_rec = self._vae_losses(x, y, ctx)
         rec = L_rec.mean()
         ctx.update('enc', self.lambda_kl * L_kl.mean() + self.lambda_rec * rec, retain_graph=True)
-        ctx.update('dec', rec)
+        ctx.update('dec', self.loss_weights['rec_theta'] * rec)
         return dict(L_rec=rec, L_kl=L_kl.mean())
 
     def sample(self, n: int, labels: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
@@ -440,7 +479,7 @@ class CVAEGAN(CVAE):
 
     @host_sync_free
     def train_step(self, batch, ctx):
-        "The encoder on lambda_kl L_kl + lambda_rec L_rec, the decoder on L_rec + L_GD^adv, the discriminator on L_D^adv."
+        "The encoder on lambda_kl L_kl + lambda_rec L_rec, the decoder on lambda_rec_theta L_rec + L_GD^adv, the discriminator on L_D^adv."
         x, y = split_batch(batch, self.n_classes, ctx=ctx)
         L_kl, x_f, L_rec = self._vae_losses(x, y, ctx)
         with ctx.autocast():
@@ -449,7 +488,7 @@ class CVAEGAN(CVAE):
             L_D_adv, L_GD_adv = adversarial_losses(d_real, [d_f, d_p], self.config.d_loss)
         rec = L_rec.mean()
         ctx.update('enc', self.lambda_kl * L_kl.mean() + self.lambda_rec * rec, retain_graph=True)
-        ctx.update('dec', rec + L_GD_adv.mean(), retain_graph=True)
+        ctx.update('dec', self.loss_weights['rec_theta'] * rec + L_GD_adv.mean(), retain_graph=True)
         ctx.update('disc', L_D_adv.mean())
         return dict(L_rec=rec, L_kl=L_kl.mean(), L_D_adv=L_D_adv.mean(), L_GD_adv=L_GD_adv.mean())
 
