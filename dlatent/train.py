@@ -290,7 +290,8 @@ class History:
     def __len__(self): return len(self.rows)
 
 def plot_history(history, keys=None, ax=None, smooth: int = 1, title='Training losses'):
-    "Loss curves against the step (optionally smoothed by a running mean of `smooth` rows)."
+    """Loss curves against the step (optionally smoothed by a centred running mean of `smooth` rows, drawn only where the
+    window is full, so that the curves do not bend at their ends; rows without a value, such as evaluation rows, are skipped)."""
     import matplotlib.pyplot as plt
     rows = history.rows if isinstance(history, History) else history
     keys = keys or [k for k in rows[0] if k not in ('step', 'epoch', 'time')]
@@ -298,8 +299,10 @@ def plot_history(history, keys=None, ax=None, smooth: int = 1, title='Training l
     steps = np.array([r['step'] for r in rows])
     for k in keys:
         v = np.array([float(r.get(k, np.nan)) for r in rows])
-        if smooth > 1 and len(v) >= smooth: v = np.convolve(v, np.ones(smooth) / smooth, mode='same')
-        ax.plot(steps, v, label=k)
+        ok = ~np.isnan(v); v, st = v[ok], steps[ok]
+        if smooth > 1 and len(v) >= smooth:
+            v = np.convolve(v, np.ones(smooth) / smooth, mode='valid'); st = st[(smooth - 1) // 2:][:len(v)]
+        ax.plot(st, v, label=k)
     ax.set_xlabel('step'); ax.set_ylabel('loss'); ax.set_title(title); ax.legend(fontsize=8)
     return ax
 

@@ -261,3 +261,13 @@ def test_index_select_gather_equals_indexing():
             assert torch.equal(bx, x[j]) and torch.equal(by, y[j]) and torch.equal(bf, f[j])
     single = BatchStream(TensorDataset(x), 16, torch.device('cpu'), seed=4)
     assert torch.equal(next(single.from_step(0)), x[_EpochSampler(100, 4, 0, 0, 1, 16).indices()[:16]])
+
+
+def test_plot_history_smoothing_has_no_edge_bend():
+    "The running mean is drawn only where its window is full, centred on its steps: a straight line stays straight to its ends."
+    import matplotlib; matplotlib.use('Agg')
+    import numpy as np
+    from dlatent.train import plot_history
+    rows = [dict(step=s, L=float(s)) for s in range(1, 21)] + [dict(step=20, ev=1.0)]      # an evaluation row without L
+    x, y = plot_history(rows, keys=['L'], smooth=5).lines[0].get_data()
+    assert len(x) == 16 and np.allclose(x, y) and (x[0], x[-1]) == (3, 18)
