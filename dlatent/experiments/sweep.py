@@ -178,7 +178,6 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
     msg = f'{type(e).__name__}: {msg}'
     return msg if len(msg) <= limit else msg[:limit - 3] + '...'
 
-def _point_lock(path: Path): return file_lock(path)
 
 def _read_metrics(d: Path) -> dict | None:
     "The metrics of a finished point (its metrics.json, a JSON object), or None."
@@ -201,7 +200,7 @@ def run_point(task: dict) -> dict:
             if not task.get('in_main'): raise
             raise UsageError(f"experiment {task['experiment']!r} is registered in __main__ (a notebook or script), which worker processes "
                              f"cannot import: register it in a module, or pass workers=0 to run the points in the sweep's process") from None
-        with _point_lock(Path(task['lock'])):
+        with file_lock(Path(task['lock'])):
             if _read_metrics(d) is not None:           # finished meanwhile by a process that held the lock (a sweep killed earlier)
                 return dict(status='done', reason='', seconds=0., resumed=False)
             resumed = _has_checkpoint(d)
