@@ -18,7 +18,11 @@ machine; the figure reported per model is the median over pairs of pythae's seco
 dlatent is faster). pythae is not a dependency of dlatent: `pip install pythae` (or `pip install --target DIR pythae` and
 PYTHONPATH=DIR) for this script only; without it the script says so and exits.
 
-    python benchmarks/vae_speed.py [--tiny] [--steps 20] [--pairs 5] [--models betavae factorvae betatcvae] [--threads 1]
+With --floor, each round also times the networks alone (beta-VAE and beta-TCVAE): the encoder and decoder, forward and
+backward, on the same batches, with no loss and no optimizer. Both libraries pay that much every step, so the median of
+pythae's seconds per step over it bounds the speed-up any training loop could reach on these networks.
+
+    python benchmarks/vae_speed.py [--tiny] [--steps 20] [--pairs 5] [--models betavae factorvae betatcvae] [--threads 1] [--floor]
 """
 import argparse, copy, gc, logging, os, statistics, sys, tempfile, time
 import torch
@@ -99,6 +103,16 @@ def dlatent_seconds_per_step(name, reference, images, bs, steps, threads):
     return fit(model, TensorDataset(images), cfg).seconds / steps
 
 
+def networks_seconds_per_step(reference, images, bs, steps):
+    "Seconds per step of the networks alone: encoder and decoder forward and backward on the same batches, no loss, no optimizer."
+    model, x = copy.deepcopy(reference), images.float() / 255
+    t = time.perf_counter()
+    for i in range(steps):
+        mu, logvar = model.encoder(x[i * bs:(i + 1) * bs])
+        (model.decoder(mu + logvar).sum() + mu.sum() + logvar.sum()).backward()
+    return (time.perf_counter() - t) / steps
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--tiny', action='store_true', help='16x16 images, batches of 8, 3 steps, 2 pairs: runs in seconds (a smoke test)')
@@ -106,6 +120,7 @@ def main():
     ap.add_argument('--steps', type=int, default=20); ap.add_argument('--pairs', type=int, default=5)
     ap.add_argument('--models', nargs='+', default=list(MODELS), choices=MODELS)
     ap.add_argument('--threads', type=int, default=1)
+    ap.add_argument('--floor', action='store_true', help="also time the networks alone (beta-VAE, beta-TCVAE): pythae's time over it bounds the speed-up")
     a = ap.parse_args()
     if a.tiny: a.size, a.batch_size, a.steps, a.pairs = 16, 8, 3, 2
     P, err = import_pythae()
@@ -120,7 +135,7 @@ def main():
     except PackageNotFoundError: pv = '?'
     print(f'{a.size}x{a.size} binary images, {a.steps} steps a run, {a.pairs} pairs, {a.threads} thread(s); '
           f'torch {torch.__version__}, pythae {pv}', flush=True)
-    results = {}
+    results, floors = {}, {}
     with tempfile.TemporaryDirectory() as out_dir:
         for name in a.models:
             bs = 2 * a.batch_size if name == 'factorvae' else a.batch_size
@@ -130,18 +145,25 @@ def main():
             reference = build_vae(dlatent_config(name), nc=1, img_size=a.size)
             run = {'dlatent': lambda: dlatent_seconds_per_step(name, reference, images, bs, a.steps, a.threads),
                    'pythae': lambda: pythae_seconds_per_step(P, name, reference, images, bs, a.steps, a.size, out_dir)}
+            if a.floor and name != 'factorvae': run['networks'] = lambda: networks_seconds_per_step(reference, images, bs, a.steps)
             for lib in run: run[lib]()                                    # warm up both (allocator, kernels, imports)
-            ratios = []
+            ratios, bounds = [], []
             for p in range(a.pairs):
                 t = {}
-                for lib in (('dlatent', 'pythae') if p % 2 == 0 else ('pythae', 'dlatent')):
+                for lib in (list(run) if p % 2 == 0 else list(run)[::-1]):
                     gc.collect(); t[lib] = run[lib]()
                 ratios.append(t['pythae'] / t['dlatent'])
+                if 'networks' in t: bounds.append(t['pythae'] / t['networks'])
                 print(f'{name:9s} dlatent {1e3 * t["dlatent"]:7.1f} ms/step ({1 / t["dlatent"]:6.2f} steps/s)   pythae {1e3 * t["pythae"]:7.1f} '
-                      f'ms/step ({1 / t["pythae"]:6.2f} steps/s)   pythae/dlatent {ratios[-1]:.3f}', flush=True)
+                      f'ms/step ({1 / t["pythae"]:6.2f} steps/s)   pythae/dlatent {ratios[-1]:.3f}'
+                      + (f'   pythae/networks alone {bounds[-1]:.3f}' if bounds else ''), flush=True)
             results[name] = statistics.median(ratios)
+            if bounds: floors[name] = statistics.median(bounds)
     print('median speed-up of dlatent over pythae (pythae seconds per step / dlatent seconds per step) over '
           f'{a.pairs} pairs: ' + ', '.join(f'{k} {v:.2f}x' for k, v in results.items()))
+    if floors:
+        print('bound on any loop with these networks (pythae seconds per step / the networks alone, median): '
+              + ', '.join(f'{k} {v:.2f}x' for k, v in floors.items()))
     return 0
 
 
