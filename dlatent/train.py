@@ -464,6 +464,7 @@ class Trainer:
         self.distributed = init_distributed(self.device)
         self.rank, self.world = dist_info()
         if self.device.type == 'cuda':
+            if self.device.index is None: self.device = torch.device('cuda', torch.cuda.current_device())   # set_device needs an index
             torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = True; torch.backends.cudnn.allow_tf32 = True
         torch.set_num_threads(cfg.threads or min(os.cpu_count() or 1, 4))

@@ -118,3 +118,20 @@ def test_real_term_follows_q_on_real_images():
     g = ctx.grads['GQ'][-1]
     torch.testing.assert_close(g, torch.full((4,), 0.25) - q, atol=2e-2, rtol=0)
     assert abs(float(g.sum())) < 1e-6
+
+
+def test_mnist_gpu_script_tiny_runs_every_job(tmp_path):
+    """benchmarks/mnist_gpu.py (the imbalanced-MNIST and image sweeps side by side on one GPU) in its --tiny CPU mode: a stand-in
+    MNIST pickle converted to torchvision's layout, the classifiers trained once, every job's sweep finished, packed without checkpoints."""
+    import runpy, tarfile
+    from pathlib import Path
+    script = runpy.run_path(str(Path(__file__).parents[1] / 'benchmarks' / 'mnist_gpu.py'))
+    finished = script['main'](['--tiny', '--out', str(tmp_path)])
+    assert finished == {'prior': 4, 'protocol': 2, 'images': 2, 'images-paper': 1}
+    assert (tmp_path / 'data' / 'MNIST' / 'raw' / 'train-images-idx3-ubyte').is_file()
+    text = (tmp_path / 'summary.md').read_text()
+    assert 'prior: 4 of 4 runs finished' in text and 'rmse' in text and 'FID' in text
+    for job in finished:
+        with tarfile.open(tmp_path / f'{job}.tgz') as tar:
+            names = tar.getnames()
+        assert any(n.endswith('metrics.json') for n in names) and not any(n.endswith('.pt') for n in names)

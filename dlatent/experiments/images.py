@@ -159,13 +159,13 @@ def _classifier_path(run) -> Path | None:
     else: return None
     return root / f'{run.data.name}-classifier-e{ev.classifier_epochs}.pt'
 
-def image_classifier(run) -> nn.Module:
-    "The Inception/FID classifier of the run's data set, trained on its training split (cached on disk)."
+def image_classifier(run, device='cpu') -> nn.Module:
+    "The Inception/FID classifier of the run's data set, trained on its training split (on `device`; cached on disk)."
     from dlatent.metrics.quality import train_classifier
     # its own random state, and gradients even when called from the engine's evaluation (which runs without them)
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
         return train_classifier(run.data.train, run.data.n_classes, epochs=run.config.eval.classifier_epochs,
-                                cache_path=_classifier_path(run), seed=0)
+                                cache_path=_classifier_path(run), seed=0, device=str(device))
 
 def evaluate_image_model(model, train: TensorDataset, test: TensorDataset, classifier: nn.Module, n_per_class: int = 100,
                          n_pairs: int = 500, seed: int = 0) -> dict:
