@@ -172,7 +172,7 @@ def plot_snapshots(snaps: dict, x_real: Tensor, title: str = '', axes=None):
         plot_points(ax, xg, c, f'{title} epoch {ep}'.strip(), alpha=0.6, s=2)
         ax.set_xlabel('$x_1$ (label-relevant)', fontsize=8); ax.tick_params(labelsize=7)
         if i == 0: ax.set_ylabel('$x_2$ (label-irrelevant)', fontsize=8)
-    axes[len(snaps) - 1].legend(fontsize=6, markerscale=3, loc='upper right')
+    axes[len(snaps) - 1].legend(fontsize=6, markerscale=3, loc='upper left', bbox_to_anchor=(1.02, 1.0))   # outside: it hides no point
     fig.tight_layout()
     return fig
 
