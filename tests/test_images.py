@@ -168,3 +168,19 @@ def test_inception_score_of_class_ordered_samples():
     perfect = torch.nn.functional.one_hot(torch.arange(10).repeat_interleave(100), 10).float() * 0.999 + 0.0001
     assert 9 < inception_score(perfect)[0] <= 10       # class-ordered samples are shuffled before the splits
     assert inception_score(torch.full((100, 10), 0.1))[0] == pytest.approx(1.0)
+
+
+def test_real_scores_split_size_sets_the_inception_score_splits():
+    "The reference row's IS in one split equals exp(H(p(y)) - E H(p(y|x))) over all held-out images; split_size sets the parts."
+    from dlatent.data.core import digits_dataset
+    from dlatent.metrics.quality import train_classifier, class_probs
+    from dlatent.experiments.images import real_scores
+    train, test = digits_dataset('train'), digits_dataset('test')
+    clf = train_classifier(train, 10, epochs=1, seed=0)
+    p = class_probs(clf, test.tensors[0]).double()
+    H = lambda q: -(q * q.clamp_min(1e-300).log()).sum(-1)
+    one = real_scores(train, test, clf, n_pairs=20, split_size=len(test))
+    assert one['IS'] == pytest.approx(float(torch.exp(H(p.mean(0)) - H(p).mean())), rel=1e-6) and one['IS_std'] == 0
+    ten = real_scores(train, test, clf, n_pairs=20)                       # the default: 10 splits of about 36
+    three = real_scores(train, test, clf, n_pairs=20, split_size=100)     # 3 splits of about 120, the models' split size
+    assert ten['IS'] < three['IS'] < one['IS'] + 1e-9, "smaller splits estimate p(y) worse and lower the score"

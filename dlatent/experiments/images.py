@@ -64,20 +64,25 @@ def sample_per_class(model, n_per_class: int, n_classes: int, seed: int = 0, bat
     x = torch.cat([model.sample(len(cb), cb, generator=g) for cb in c.split(batch_size)])
     return x.cpu(), c.cpu()
 
-def image_scores(images: Tensor, labels: Tensor, classifier: nn.Module, real_feats: Tensor, n_pairs: int = 500, seed: int = 0) -> dict:
-    "IS, intra-class diversity (Eq. 12), FID against `real_feats` and the classifier's accuracy w.r.t. `labels`."
+def image_scores(images: Tensor, labels: Tensor, classifier: nn.Module, real_feats: Tensor, n_pairs: int = 500, seed: int = 0,
+                 splits: int = 10) -> dict:
+    "IS (in `splits` parts), intra-class diversity (Eq. 12), FID against `real_feats` and the classifier's accuracy w.r.t. `labels`."
     from dlatent.metrics.quality import class_probs, inception_score, intra_class_diversity, image_features, fid
     probs = class_probs(classifier, images)
-    is_mean, is_std = inception_score(probs, splits=min(10, len(probs)), seed=seed)
+    is_mean, is_std = inception_score(probs, splits=min(splits, len(probs)), seed=seed)
     div, _ = intra_class_diversity(images, labels, n_pairs=n_pairs, seed=seed)
     return dict(IS=is_mean, IS_std=is_std, diversity=div, FID=fid(real_feats, image_features(images, classifier)),
                 gen_acc=(probs.argmax(1) == labels).float().mean().item())
 
-def real_scores(train: TensorDataset, test: TensorDataset, classifier: nn.Module, n_pairs: int = 500, seed: int = 0) -> dict:
-    "The reference row: held-out real images scored like samples (FID against the training images)."
+def real_scores(train: TensorDataset, test: TensorDataset, classifier: nn.Module, n_pairs: int = 500, seed: int = 0,
+                split_size: int | None = None) -> dict:
+    """The reference row: held-out real images scored like samples (FID against the training images). The Inception Score
+    depends on the size of its splits (each split's p(y) is estimated from its own images); with `split_size`, the real images
+    are scored in splits of about that many, the size of the models' splits, instead of 10 splits however few the images."""
     from dlatent.metrics.quality import image_features
     x, y = test.tensors[:2]
-    return image_scores(x, y, classifier, image_features(train.tensors[0], classifier), n_pairs, seed)
+    splits = 10 if split_size is None else max(1, len(x) // split_size)
+    return image_scores(x, y, classifier, image_features(train.tensors[0], classifier), n_pairs, seed, splits=splits)
 
 def save_class_grids(images: Tensor, labels: Tensor, out_dir: str | Path, prefix: str = 'samples', n: int = 16) -> list[Path]:
     "One PNG per class (`prefix`_class{c}.png, the first `n` images of that class) and one of all classes, a row each."
