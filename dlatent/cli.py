@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument('--metrics', nargs='+', default=None, metavar='METRIC', help='the metrics to report (default: all)')
     r.add_argument('--plot', default=None, metavar='METRIC', help='draw METRIC against a grid key into METRIC_vs_KEY.png')
     r.add_argument('--x', default=None, metavar='KEY', help='the grid key of the figure (default: the first non-replicate one)')
-    x = sub.add_parser('export', help="write a run's model as a shareable directory (config.json, model.safetensors, README.md)")
+    x = sub.add_parser('export', help="write a run's model as a shareable directory (config.json, model.safetensors, checksum.json, README.md)")
     x.add_argument('run_dir')
     x.add_argument('out_dir', help='the directory to write (not a run directory); `Model.from_pretrained(OUT_DIR)` loads it')
     x.add_argument('--push-to-hub', default=None, metavar='REPO_ID', help='also upload it to this Hugging Face Hub repository (needs a login)')

@@ -21,11 +21,11 @@ from .objectives.distributions import validation
 
 # %% auto #0
 __all__ = ['TrainConfig', 'dist_info', 'init_distributed', 'is_main_process', 'to_channels_last', 'BatchStream', 'LoaderStream',
-           'GroupedStream', 'StepContext', 'Trainable', 'check_trainable', 'History', 'plot_history', 'save_image_grid',
-           'NonFiniteLossError', 'CheckpointMismatchError', 'FitResult', 'Callback', 'optimizer_hparams',
-           'state_dict_mismatch', 'check_checkpoint', 'find_nonfinite', 'default_callbacks', 'Trainer', 'fit',
-           'ProgressBar', 'HistoryCSV', 'Checkpointer', 'Evaluator', 'SampleGrid', 'TensorBoardLogger',
-           'TinyClassifier']
+           'GroupedStream', 'StepContext', 'Trainable', 'check_trainable', 'History', 'plot_history', 'read_history',
+           'save_image_grid', 'NonFiniteLossError', 'CheckpointMismatchError', 'FitResult', 'Callback',
+           'optimizer_hparams', 'state_dict_mismatch', 'check_checkpoint', 'find_nonfinite', 'default_callbacks',
+           'Trainer', 'fit', 'ProgressBar', 'HistoryCSV', 'Checkpointer', 'Evaluator', 'SampleGrid',
+           'TensorBoardLogger', 'TinyClassifier']
 
 # %% ../nbs/50_train.ipynb #e0d1a3af
 @dataclass
@@ -305,6 +305,21 @@ def plot_history(history, keys=None, ax=None, smooth: int = 1, title='Training l
         ax.plot(st, v, label=k)
     ax.set_xlabel('step'); ax.set_ylabel('loss'); ax.set_title(title); ax.legend(fontsize=8)
     return ax
+
+# %% ../nbs/50_train.ipynb #3943b168
+def _csv_number(v: str):
+    "A history.csv cell as the number it was written from (an int, else a float), or the text when it is not a number."
+    for kind in (int, float):
+        try: return kind(v)
+        except ValueError: pass
+    return v
+
+def read_history(path: str | Path) -> History:
+    "The rows of the history.csv at `path` (or in the run directory `path`) as a `History`; a row leaves out its empty cells."
+    path = Path(path)
+    if path.is_dir(): path = path / 'history.csv'
+    with open(path, newline='') as f:
+        return History(rows=[{k: _csv_number(v) for k, v in r.items() if v != ''} for r in csv.DictReader(f)])
 
 # %% ../nbs/50_train.ipynb #78d6f622
 def save_image_grid(images: Tensor, path: str | Path, nrow: int = 8, padding: int = 1):

@@ -98,7 +98,7 @@ def test_export_writes_a_loadable_model(tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     assert main(['export', str(run), str(out)]) == 0
     printed = capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    assert sorted(p.name for p in out.iterdir()) == ['README.md', 'checksum.json', 'config.json', 'model.safetensors']
     assert 'DVAE.from_pretrained' in printed and 'moons' in (out / 'README.md').read_text()
     from dlatent.models.dvae import DVAE
     from dlatent.experiments import load_run

@@ -7,30 +7,22 @@ reads the same results table as `load_sweep(SRC)`. Points still pending or runni
 copied on a later call, once they have finished.
 
 With `--export POINT ...` it also writes, for each named point, the directory `dlatent export` makes (config.json,
-model.safetensors, README.md: `GenerativeModel.from_pretrained(DIR)` loads it) into DST/models/POINT, and next to the
-weights a checksum.json with their SHA-256, so that a reader can verify the file before loading it. `--drop PREFIX`
-leaves out the tensors whose names start with PREFIX (e.g. FactorVAE's `discriminator.`, 20 MB that neither the
-representation nor the decoder uses); checksum.json lists what was left out, and such a model loads with
-`from_pretrained(DIR, strict=False)`.
+model.safetensors, README.md, and checksum.json with the SHA-256 of the weights: `export_run` in
+dlatent.experiments.export) into DST/models/POINT; `load_exported(DIR)` verifies the weights and loads the model.
+`--drop PREFIX` leaves out the tensors whose names start with PREFIX (e.g. FactorVAE's `discriminator.`, 20 MB that
+neither the representation nor the decoder uses); checksum.json lists what was left out, and `load_exported` checks that
+exactly those are missing.
 
     python tools/collect_runs.py runs/vae-table1 nbs/tutorials/vae_table1/vae --export 'train.seed=0_model.name=vae'
     python tools/collect_runs.py runs/factorvae-table1 nbs/tutorials/vae_table1/factorvae --export train.seed=0 --drop discriminator.
 """
-import argparse, hashlib, json, shutil, sys
+import argparse, json, shutil, sys
 from pathlib import Path
 
+from dlatent.experiments.export import export_run
+from dlatent.experiments.sweep import read_metrics      # a point has finished when this reads its metrics (load_sweep's 'done')
+
 RUN_FILES = ('config.json', 'metrics.json', 'history.csv')
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''): h.update(block)
-    return h.hexdigest()
-
-def finished(point_dir: Path) -> bool:
-    "A point has finished when its metrics.json holds a JSON object (what load_sweep reads as 'done')."
-    try: return isinstance(json.loads((point_dir / 'metrics.json').read_text()), dict)
-    except (OSError, ValueError): return False
 
 def copy_results(src: Path, dst: Path) -> dict:
     "Copy sweep.json and the small files of each finished point from `src` to `dst`; returns {point: 'copied' | status}."
@@ -38,7 +30,7 @@ def copy_results(src: Path, dst: Path) -> dict:
     dst.mkdir(parents=True, exist_ok=True)
     out = {}
     for name, p in manifest['points'].items():
-        if not finished(src / name):
+        if read_metrics(src / name) is None:
             out[name] = p.get('status', 'pending'); continue
         (dst / name).mkdir(exist_ok=True)
         for f in RUN_FILES:
@@ -47,42 +39,23 @@ def copy_results(src: Path, dst: Path) -> dict:
     shutil.copy2(src / 'sweep.json', dst / 'sweep.json')       # last: the copied points are there when a reader sees it
     return out
 
-def drop_tensors(weights: Path, prefixes) -> list[str]:
-    "Rewrite the safetensors file `weights` without the tensors whose names start with one of `prefixes`; returns their names."
-    from safetensors.torch import load_file, save_file
-    from safetensors import safe_open
-    with safe_open(str(weights), 'pt') as f: meta = f.metadata()
-    state = load_file(str(weights))
-    dropped = sorted(k for k in state if any(k.startswith(p) for p in prefixes))
-    if dropped: save_file({k: v for k, v in state.items() if k not in dropped}, str(weights), metadata=meta)
-    return dropped
-
 def export_point(src: Path, dst: Path, point: str, drop=(), max_mb: float = 2.0) -> Path | None:
-    """`dlatent export` of the run SRC/POINT into DST/models/POINT, without the tensors named by `drop`, and checksum.json;
+    """`dlatent export` of the run SRC/POINT into DST/models/POINT (with checksum.json), without the tensors named by `drop`;
     None (with a warning) when the run has not finished yet."""
-    from dlatent.experiments.export import export_run
     run_dir = src / point
-    if not finished(run_dir):
+    if read_metrics(run_dir) is None:
         print(f"warning: --export {point}: {run_dir} has not finished (no metrics.json); not exported, run this again once it has",
               file=sys.stderr)
         return None
     out = dst / 'models' / point
     if out.exists(): shutil.rmtree(out)
-    export_run(run_dir, out)
+    export_run(run_dir, out, drop=drop)
     weights = out / 'model.safetensors'
-    dropped = drop_tensors(weights, drop) if drop else []
     weights.chmod(0o644)
     size = weights.stat().st_size
-    from safetensors import safe_open
-    with safe_open(str(weights), 'pt') as f: dtypes = sorted({str(f.get_slice(k).get_dtype()) for k in f.keys()})
     if size > max_mb * 2**20:
         print(f"warning: {weights} is {size / 2**20:.1f} MiB, more than --max-mb {max_mb}; leave out what is not needed with --drop",
               file=sys.stderr)
-    info = dict(file='model.safetensors', sha256=sha256(weights), bytes=size, dtypes=dtypes,
-                dropped_prefixes=list(drop) if dropped else [], dropped_tensors=dropped,
-                note=('tensors left out to keep the file small: load with from_pretrained(DIR, strict=False); the model '
-                      'keeps its freshly initialised values for them' if dropped else 'all tensors of the model'))
-    (out / 'checksum.json').write_text(json.dumps(info, indent=1) + '\n')
     return out
 
 def main(argv=None):

@@ -16,9 +16,9 @@ from ..runtime import atomic_path, file_lock, write_json
 from .core import Experiment, UsageError, get_experiment, make_config, parse_overrides, run_experiment
 
 # %% auto #0
-__all__ = ['parse_values', 'parse_grid', 'Point', 'point_name', 'plan_sweep', 'Table', 'bootstrap_ci', 'summarize', 'run_point',
-           'available_cores', 'execute_local', 'execute_inline', 'execute_ray', 'default_over', 'run_sweep',
-           'load_sweep', 'aggregate', 'compare', 'plot_sweep', 'write_reports']
+__all__ = ['parse_values', 'parse_grid', 'Point', 'point_name', 'plan_sweep', 'Table', 'bootstrap_ci', 'summarize',
+           'read_metrics', 'run_point', 'available_cores', 'execute_local', 'execute_inline', 'execute_ray',
+           'default_over', 'run_sweep', 'load_sweep', 'aggregate', 'compare', 'plot_sweep', 'write_reports']
 
 # %% ../../nbs/65_sweeps.ipynb #05ecf4d5
 _RANGE = re.compile(r'(-?\d+)-(-?\d+)')
@@ -179,11 +179,13 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
     return msg if len(msg) <= limit else msg[:limit - 3] + '...'
 
 
-def _read_metrics(d: Path) -> dict | None:
-    "The metrics of a finished point (its metrics.json, a JSON object), or None."
-    try: m = json.loads((d / 'metrics.json').read_text())
+def read_metrics(d: str | Path) -> dict | None:
+    "The metrics of a finished run or point in the directory `d` (its metrics.json, a JSON object), or None while it has none."
+    try: m = json.loads((Path(d) / 'metrics.json').read_text())
     except (OSError, ValueError): return None
     return m if isinstance(m, dict) else None
+
+_read_metrics = read_metrics      # the name it had before it was public
 
 def _has_checkpoint(d: Path) -> bool: return any((d / f).exists() for f in ('checkpoint.pt', 'checkpoint.prev.pt'))
 
@@ -201,7 +203,7 @@ def run_point(task: dict) -> dict:
             raise UsageError(f"experiment {task['experiment']!r} is registered in __main__ (a notebook or script), which worker processes "
                              f"cannot import: register it in a module, or pass workers=0 to run the points in the sweep's process") from None
         with file_lock(Path(task['lock'])):
-            if _read_metrics(d) is not None:           # finished meanwhile by a process that held the lock (a sweep killed earlier)
+            if read_metrics(d) is not None:           # finished meanwhile by a process that held the lock (a sweep killed earlier)
                 return dict(status='done', reason='', seconds=0., resumed=False)
             resumed = _has_checkpoint(d)
             if not resumed and not task.get('composite') and d.exists(): shutil.rmtree(d)   # what an unfinished attempt left
@@ -486,7 +488,7 @@ def run_sweep(experiment: str, grid, fixed=(), preset: str | None = None, out: s
                 dict(kind='ray', address=address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run, threads=threads)
             todo = []
             for p in points:
-                if _read_metrics(out / p.name) is not None:
+                if read_metrics(out / p.name) is not None:
                     if man.points[p.name]['status'] != 'done': man.points[p.name].update(status='done', reason='')
                     continue
                 ov = dict(p.overrides)
@@ -540,7 +542,7 @@ def load_sweep(sweep_dir: str | Path) -> Table:
     man = _read_manifest(d / 'sweep.json')
     keys, rows, metrics = list(man['grid']), [], {}
     for name, p in man['points'].items():
-        m = _read_metrics(d / name)
+        m = read_metrics(d / name)
         status = 'done' if m is not None else p['status']
         row = dict(point=name, **p['values'], status=status, reason='' if status == 'done' else p.get('reason', ''))
         for k, v in (m or {}).items():
