@@ -4,12 +4,14 @@
 
 # %% ../../nbs/66_export.ipynb #879e9c64
 from __future__ import annotations
-import hashlib, json
+import hashlib
 from pathlib import Path
 from typing import Sequence
 
 from .core import UsageError, load_run, make_config
+from .sweep import read_metrics
 from ..models.base import GenerativeModel
+from ..runtime import read_json, write_json
 
 # %% auto #0
 __all__ = ['export_run', 'train_command', 'load_exported']
@@ -27,8 +29,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, repo_id: str | None = N
     if drop and repo_id is not None:
         raise UsageError("drop leaves tensors out of the local directory only: push the whole model (no drop), or upload out_dir yourself")
     run = load_run(run_dir)
-    p = run_dir / 'metrics.json'
-    metrics = json.loads(p.read_text()) if p.is_file() else {}
+    metrics = read_metrics(run_dir) or {}                      # none yet, or unreadable: the card says nothing about them
     cfg = run.config
     run.model.run_info = dict(experiment=cfg.experiment, description=run.experiment.description, model=cfg.model_name,
                               preset=cfg.preset, steps=metrics.get('steps'), command=train_command(cfg), config=cfg.to_dict(),
@@ -74,7 +75,7 @@ def _write_checksum(weights: Path, prefixes: Sequence[str] = (), dropped: Sequen
                 dropped_prefixes=list(prefixes), dropped_tensors=list(dropped),
                 note=('tensors left out to keep the file small: load with from_pretrained(DIR, strict=False); the model '
                       'keeps its freshly initialised values for them' if dropped else 'all tensors of the model'))
-    (weights.parent / 'checksum.json').write_text(json.dumps(info, indent=1) + '\n')
+    write_json(info, weights.parent / 'checksum.json')
 
 def load_exported(d: str | Path, map_location='cpu') -> GenerativeModel:
     """The model `export_run` wrote to the directory `d`, on `map_location`: loaded only when its weights match the SHA-256 in
@@ -84,7 +85,10 @@ def load_exported(d: str | Path, map_location='cpu') -> GenerativeModel:
     if not (d / 'checksum.json').is_file():
         raise FileNotFoundError(f"{str(d)!r} has no checksum.json: it is not a directory written by export_run; export the run again, "
                                 "or load it unverified with GenerativeModel.from_pretrained")
-    info = json.loads((d / 'checksum.json').read_text())
+    fix = 'export the run again (export_run, or dlatent export RUN_DIR OUT_DIR)'
+    info = read_json(d / 'checksum.json', fix=fix)
+    if not all(isinstance(info.get(k), t) for k, t in (('file', str), ('sha256', str), ('dropped_tensors', list))):
+        raise ValueError(f"{d / 'checksum.json'} lacks the file name, SHA-256 or list of left-out tensors that export_run writes: {fix}")
     weights = d / info['file']
     if not weights.is_file() or _sha256(weights) != info['sha256']:
         raise ValueError(f"{weights} does not match the SHA-256 in {d / 'checksum.json'}: the file was changed or damaged; "

@@ -185,7 +185,6 @@ def read_metrics(d: str | Path) -> dict | None:
     except (OSError, ValueError): return None
     return m if isinstance(m, dict) else None
 
-_read_metrics = read_metrics      # the name it had before it was public
 
 def _has_checkpoint(d: Path) -> bool: return any((d / f).exists() for f in ('checkpoint.pt', 'checkpoint.prev.pt'))
 
