@@ -32,7 +32,7 @@ from dlatent.data.core import mnist_from_pickle
 from dlatent.experiments.core import build_run, make_config
 from dlatent.experiments.images import image_classifier
 from dlatent.experiments.imbalanced import evaluation_classifier
-from dlatent.experiments.sweep import aggregate, load_sweep
+from dlatent.experiments.sweep import aggregate, load_sweep, plan_sweep
 
 PRIOR_FIX = {'model.lr_prior': 5e-3}
 
@@ -80,8 +80,7 @@ def prepare(args):
     js = jobs(args)
     for job in args.jobs:
         exp, grid, fixed, _ = js[job]
-        point = {k: v.split(',')[0].split('-')[0] for k, v in grid.items()}
-        cfg = make_config(exp, {**fixed, **point})
+        cfg = make_config(exp, plan_sweep(exp, grid, fixed)[0].overrides)   # every point checked; the first one's settings
         if exp == 'mnist-dvae': image_classifier(build_run(cfg), args.device)
         else: evaluation_classifier(cfg, None, args.device)
     print(f'data and classifiers ready in {time.perf_counter() - t:.0f} s', flush=True)
